@@ -1,0 +1,166 @@
+"""The `labkit` command line.
+
+User mistakes (a bad file, a bad parameter) print one clear message and exit with code 2, without a
+traceback; anything else is a bug and keeps its traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+from pathlib import Path
+
+from .errors import LabError
+
+
+def _doctor(args: argparse.Namespace) -> int:
+    from . import doctor
+
+    info = doctor.report()
+    print(json.dumps(info, indent=2) if args.json else doctor.format_report(info))
+    return 0
+
+
+def _data_make(args: argparse.Namespace) -> int:
+    from .data.storystream_mini import MakeConfig, make_dataset
+    from .presets import get_preset
+
+    preset = get_preset(args.preset).data
+    train = preset.train_stories if args.stories is None else args.stories
+    # Held-out splits default to 15% of the training stories (at least 1), as the tiny preset's 160/24/24.
+    held_out = preset.val_stories if args.stories is None else max(1, math.ceil(0.15 * train))
+    config = MakeConfig(
+        train_stories=train,
+        val_stories=held_out if args.val_stories is None else args.val_stories,
+        test_stories=held_out if args.test_stories is None else args.test_stories,
+        frames=preset.frames if args.frames is None else args.frames,
+        size=preset.image_size if args.size is None else args.size,
+        seed=args.seed,
+        bpe_merges=preset.bpe_merges,
+        image_tokens=preset.image_tokens,
+    )
+    make_dataset(args.out, config, overwrite=args.overwrite, progress=not args.quiet)
+    print(f"wrote {args.out}: {config.train_stories}/{config.val_stories}/{config.test_stories} stories "
+          f"(train/val/test) x {config.frames} frames at {config.size} px, seed {config.seed}")
+    return 0
+
+
+def _jsonl_files(path: Path) -> list[Path]:
+    """A data set folder means its split files; a file means itself."""
+    if path.is_dir():
+        files = sorted(p for p in path.glob("*.jsonl") if not p.name.endswith(".annotations.jsonl"))
+        if not files:
+            raise LabError(f"{path}: folder holds no .jsonl story files")
+        return files
+    return [path]
+
+
+def _data_validate(args: argparse.Namespace) -> int:
+    from .data.storystream import validate
+    from .errors import DataError
+
+    problems = []
+    for file in _jsonl_files(Path(args.path)):
+        report = validate(file, image_root=args.image_root, check_images=not args.no_images)
+        problems += report.problems
+        if report.ok:
+            print(f"{file}: ok ({report.stories} stories, {report.frames} frames, {report.images_checked} images checked)")
+    if problems:
+        raise DataError(problems)
+    return 0
+
+
+def _data_chunk(args: argparse.Namespace) -> int:
+    from .data.storystream import chunk_file
+
+    count = chunk_file(args.source, args.destination, args.length)
+    print(f"wrote {args.destination}: {count} chunks of {args.length} frames")
+    return 0
+
+
+def _data_show(args: argparse.Namespace) -> int:
+    from .viz import save_story_strip
+
+    out = save_story_strip(Path(args.path), args.story, args.out, image_root=args.image_root)
+    print(f"saved {out}")
+    return 0
+
+
+def _report(args: argparse.Namespace) -> int:
+    from .report import run_report
+
+    index = run_report(preset=args.preset, out=Path(args.out) if args.out else None, progress=not args.quiet)
+    print(f"report: {index}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="labkit", description="SEED-Story Lab: reproduce, measure and teach SEED-Story.")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    doctor = commands.add_parser("doctor", help="versions, device, threads and optional real weights")
+    doctor.add_argument("--json", action="store_true", help="print as JSON")
+    doctor.set_defaults(run=_doctor)
+
+    data = commands.add_parser("data", help="StoryStream data: make, validate, chunk, show")
+    data_commands = data.add_subparsers(dest="data_command", required=True)
+
+    make = data_commands.add_parser("make", help="make a StoryStream-mini data set")
+    make.add_argument("--out", required=True, help="output folder (created atomically)")
+    make.add_argument("--preset", default="tiny", help="tiny, small or paper: default sizes (default: tiny)")
+    make.add_argument("--stories", type=int, help="training stories (val/test default to 15%% of it)")
+    make.add_argument("--val-stories", type=int)
+    make.add_argument("--test-stories", type=int)
+    make.add_argument("--frames", type=int, help="frames per story, 2..100 (default: 30)")
+    make.add_argument("--size", type=int, help="image size in pixels (default: the preset's, 64 at tiny)")
+    make.add_argument("--seed", type=int, default=0)
+    make.add_argument("--overwrite", action="store_true", help="replace an existing non-empty folder")
+    make.add_argument("--quiet", action="store_true", help="no progress bar")
+    make.set_defaults(run=_data_make)
+
+    validate = data_commands.add_parser("validate", help="check a jsonl file (or every split of a data set folder)")
+    validate.add_argument("path")
+    validate.add_argument("--image-root", help="folder the image paths are relative to (default: images/ beside the file)")
+    validate.add_argument("--no-images", action="store_true", help="check the structure only")
+    validate.set_defaults(run=_data_validate)
+
+    chunk = data_commands.add_parser("chunk", help="cut stories into non-overlapping chunks (official chunk_data.py)")
+    chunk.add_argument("source")
+    chunk.add_argument("destination")
+    chunk.add_argument("--length", type=int, default=10)
+    chunk.set_defaults(run=_data_chunk)
+
+    show = data_commands.add_parser("show", help="save a story strip PNG")
+    show.add_argument("path", help="a data set folder or a jsonl file")
+    show.add_argument("--story", required=True, help="story id")
+    show.add_argument("--out", help="PNG path (default: story_<id>.png)")
+    show.add_argument("--image-root")
+    show.set_defaults(run=_data_show)
+
+    report = commands.add_parser("report", help="run the notebooks with papermill and write a report")
+    report.add_argument("--preset", default="tiny")
+    report.add_argument("--out", help="report folder (default: reports/<preset>)")
+    report.add_argument("--quiet", action="store_true")
+    report.set_defaults(run=_report)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.run(args)
+    except LabError as error:
+        print(f"labkit: error: {error}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("labkit: interrupted", file=sys.stderr)
+        return 130
+    except BrokenPipeError:  # output piped into `head` and closed early: not an error
+        sys.stderr.close()
+        return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

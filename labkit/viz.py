@@ -1,0 +1,103 @@
+"""Plots the notebooks and the CLI share: story strips and the token layout drawn as a coloured strip."""
+
+from __future__ import annotations
+
+import textwrap
+from pathlib import Path
+from typing import Sequence
+
+from PIL import Image
+
+from .atomic import write_bytes
+from .data.storystream import StoryRecord, default_image_root, read_jsonl
+from .errors import LabError
+
+# One colour per token type, used by every layout plot (legend in `plot_layout`).
+TOKEN_COLOURS = {"bos": "#222222", "text": "#4c72b0", "boi": "#dd8452", "image": "#f2c14e", "eoi": "#c44e52", "eos": "#8172b3"}
+
+
+def find_story(path: Path, story_id: str, image_root: str | Path | None = None) -> tuple[StoryRecord, Path]:
+    """Find a story by id in a jsonl file or in any split of a data set folder; return it and its image root."""
+    files = sorted(p for p in path.glob("*.jsonl") if not p.name.endswith(".annotations.jsonl")) if path.is_dir() else [path]
+    for file in files:
+        for record in read_jsonl(file):
+            if str(record.id) == str(story_id):
+                return record, Path(image_root) if image_root else default_image_root(file)
+    raise LabError(f"{path}: no story with id {story_id!r}")
+
+
+def story_strip(images: Sequence[Image.Image], columns: int = 10, gap: int = 2) -> Image.Image:
+    """Tile frames in reading order, `columns` per row, on a white background."""
+    if not images:
+        raise LabError("story has no frames to show")
+    width, height = images[0].size
+    rows = -(-len(images) // columns)
+    columns = min(columns, len(images))
+    strip = Image.new("RGB", (columns * (width + gap) - gap, rows * (height + gap) - gap), "white")
+    for index, image in enumerate(images):
+        row, column = divmod(index, columns)
+        strip.paste(image.convert("RGB").resize((width, height)), (column * (width + gap), row * (height + gap)))
+    return strip
+
+
+def save_story_strip(path: Path, story_id: str, out: str | Path | None = None, image_root: str | Path | None = None) -> Path:
+    """`labkit data show`: write a PNG strip of one story's frames; print its captions."""
+    import io
+
+    record, root = find_story(path, story_id, image_root)
+    images = []
+    for relative in record.images:
+        try:
+            with Image.open(root / relative) as image:
+                images.append(image.convert("RGB"))
+        except (OSError, ValueError) as error:
+            raise LabError(f"{root / relative}: cannot read image ({error})") from None
+    for index, caption in enumerate(record.captions):
+        print(f"{index:3d}  {caption}")
+    target = Path(out) if out else Path(f"story_{story_id}.png")
+    buffer = io.BytesIO()
+    story_strip(images).save(buffer, format="PNG")
+    write_bytes(target, buffer.getvalue())
+    return target
+
+
+def plot_story(images: Sequence[Image.Image], captions: Sequence[str], columns: int = 5, width: int = 28, axes_size: float = 2.2):
+    """A matplotlib figure of frames with their captions underneath (for notebooks)."""
+    import matplotlib.pyplot as plt
+
+    rows = -(-len(images) // columns)
+    figure, axes = plt.subplots(rows, columns, figsize=(columns * axes_size, rows * (axes_size + 0.9)), squeeze=False)
+    for axis in axes.flat:
+        axis.axis("off")
+    for index, (image, caption) in enumerate(zip(images, captions)):
+        axis = axes.flat[index]
+        axis.imshow(image)
+        axis.set_title(f"{index}", fontsize=8, loc="left")
+        axis.text(0.5, -0.03, "\n".join(textwrap.wrap(caption, width)), transform=axis.transAxes, ha="center", va="top", fontsize=6.5)
+    figure.tight_layout()
+    return figure
+
+
+def plot_layout(token_types: Sequence[str], labels_on: Sequence[bool], slots_in: Sequence[bool], slots_out: Sequence[bool], title: str = ""):
+    """The token layout as a coloured strip: one cell per position, rows for type / text loss / image slots."""
+    import matplotlib.pyplot as plt
+    from matplotlib.colors import to_rgb
+    from matplotlib.patches import Patch
+
+    import numpy as np
+
+    n = len(token_types)
+    rows = np.ones((4, n, 3))
+    rows[0] = [to_rgb(TOKEN_COLOURS[kind]) for kind in token_types]
+    rows[1][np.asarray(labels_on, bool)] = to_rgb("#55a868")
+    rows[2][np.asarray(slots_in, bool)] = to_rgb("#64b5cd")
+    rows[3][np.asarray(slots_out, bool)] = to_rgb("#c44e52")
+    figure, axis = plt.subplots(figsize=(min(18, 5 + n / 25), 2.2))
+    axis.imshow(rows, aspect="auto", interpolation="nearest")
+    axis.set_yticks(range(4), ["token type", "text loss", "image input", "image output"])
+    axis.set_xlabel("position")
+    axis.set_title(title)
+    handles = [Patch(color=c, label=k) for k, c in TOKEN_COLOURS.items()]
+    axis.legend(handles=handles, fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)
+    figure.tight_layout()
+    return figure
