@@ -115,6 +115,12 @@ def _index_html(markdown: str, summary: dict) -> str:
             f"<table border=1 cellpadding=4><tr><th>notebook</th><th>what it shows</th><th>seconds</th><th>executed</th><th>HTML</th></tr>{rows}</table>")
 
 
+def _portable(parameters: dict) -> dict:
+    """Paths inside the checkout written relative to it, so a committed summary names no machine's folders."""
+    root = str(project_root()) + "/"
+    return {k: v.replace(root, "") if isinstance(v, str) else v for k, v in parameters.items()}
+
+
 def run_report(preset: str = "tiny", out: Path | None = None, progress: bool = True) -> Path:
     """Run every planned notebook and write the report folder; returns the path of index.md."""
     import torch
@@ -126,7 +132,7 @@ def run_report(preset: str = "tiny", out: Path | None = None, progress: bool = T
     results = []
     for run in tqdm(runs, desc="report", unit="notebook", disable=not progress):
         seconds = _execute(run, out)
-        results.append({"notebook": run.notebook, "title": run.title, "parameters": run.parameters, "seconds": round(seconds, 2)})
+        results.append({"notebook": run.notebook, "title": run.title, "parameters": _portable(run.parameters), "seconds": round(seconds, 2)})
     summary = {"preset": preset, "git_commit": git_commit(), "packages": package_versions(),
                "device": "cuda" if torch.cuda.is_available() else "cpu",
                "wall_seconds": round(time.perf_counter() - start, 2), "runs": results}
