@@ -26,18 +26,93 @@ class DataPreset:
 
 
 @dataclass(frozen=True)
+class VisualTokenizerPreset:
+    """ViT + attention-pool resampler -> `num_features` x `feature_dim` features (paper: 256 x 4096)."""
+
+    image_size: int
+    patch_size: int
+    width: int
+    layers: int
+    heads: int
+    mlp_width: int
+    num_features: int  # N, the attention pool's queries (a square number)
+    feature_dim: int  # D
+    pool_heads: int
+
+
+@dataclass(frozen=True)
+class LLMPreset:
+    """The Llama body (`transformers.LlamaConfig` fields)."""
+
+    hidden_size: int
+    layers: int
+    heads: int
+    kv_heads: int
+    intermediate_size: int
+    max_positions: int
+    base_vocab: int  # vocabulary before the image tokens are added (paper: Llama-2's 32000)
+
+
+@dataclass(frozen=True)
+class LoraPreset:
+    r: int
+    alpha: int
+    dropout: float
+    targets: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+@dataclass(frozen=True)
+class MLLMPreset:
+    llm: LLMPreset
+    num_queries: int  # Q image slots per image (paper: 64)
+    resampler_heads: int  # input resampler heads (paper: 4096 / 128 = 32)
+    output_heads: int  # output resampler heads
+    lora: LoraPreset | None  # None: train the whole LLM (tiny); paper: r=16, alpha=32, dropout 0.05
+
+
+@dataclass(frozen=True)
 class Preset:
     name: str
     data: DataPreset
+    visual_tokenizer: VisualTokenizerPreset
+    mllm: MLLMPreset
 
+
+PAPER_LORA = LoraPreset(r=16, alpha=32, dropout=0.05)  # configs/clm_models/llama2chat7b_lora.yaml (paper text says r=6)
 
 PRESETS: dict[str, Preset] = {
-    "tiny": Preset("tiny", DataPreset(image_size=64, frames=30, train_stories=160, val_stories=24, test_stories=24,
-                                      chunk_length=10, bpe_merges=1024, image_tokens=64)),
-    "small": Preset("small", DataPreset(image_size=128, frames=30, train_stories=2000, val_stories=100, test_stories=100,
-                                        chunk_length=10, bpe_merges=4096, image_tokens=64)),
-    "paper": Preset("paper", DataPreset(image_size=448, frames=30, train_stories=8000, val_stories=180, test_stories=180,
-                                        chunk_length=10, bpe_merges=32000, image_tokens=64)),
+    "tiny": Preset(
+        "tiny",
+        DataPreset(image_size=64, frames=30, train_stories=160, val_stories=24, test_stories=24,
+                   chunk_length=10, bpe_merges=1024, image_tokens=64),
+        VisualTokenizerPreset(image_size=64, patch_size=8, width=96, layers=4, heads=4, mlp_width=384,
+                              num_features=16, feature_dim=64, pool_heads=4),
+        MLLMPreset(LLMPreset(hidden_size=128, layers=4, heads=4, kv_heads=4, intermediate_size=344,
+                             max_positions=4096, base_vocab=0),
+                   num_queries=16, resampler_heads=4, output_heads=4, lora=None),
+    ),
+    "small": Preset(
+        "small",
+        DataPreset(image_size=128, frames=30, train_stories=2000, val_stories=100, test_stories=100,
+                   chunk_length=10, bpe_merges=4096, image_tokens=64),
+        VisualTokenizerPreset(image_size=128, patch_size=16, width=384, layers=8, heads=6, mlp_width=1536,
+                              num_features=64, feature_dim=512, pool_heads=8),
+        MLLMPreset(LLMPreset(hidden_size=768, layers=12, heads=12, kv_heads=12, intermediate_size=2048,
+                             max_positions=4096, base_vocab=0),
+                   num_queries=36, resampler_heads=12, output_heads=8, lora=None),
+    ),
+    "paper": Preset(
+        "paper",
+        DataPreset(image_size=448, frames=30, train_stories=8000, val_stories=180, test_stories=180,
+                   chunk_length=10, bpe_merges=32000, image_tokens=64),
+        # Qwen-VL ViT-bigG (configs/visual_tokenizer/qwen_vitg_448.yaml): 448 px, patch 14, width 1664, 48 layers
+        VisualTokenizerPreset(image_size=448, patch_size=14, width=1664, layers=48, heads=16, mlp_width=8192,
+                              num_features=256, feature_dim=4096, pool_heads=32),
+        # Llama-2-7B; vocabulary 32000 + <img>, </img> + 64 image tokens = 32066 (brief §2)
+        MLLMPreset(LLMPreset(hidden_size=4096, layers=32, heads=32, kv_heads=32, intermediate_size=11008,
+                             max_positions=4096, base_vocab=32000),
+                   num_queries=64, resampler_heads=32, output_heads=32, lora=PAPER_LORA),
+    ),
 }
 
 
