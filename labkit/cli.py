@@ -96,6 +96,34 @@ def _report(args: argparse.Namespace) -> int:
     return 0
 
 
+def _train(args: argparse.Namespace) -> int:
+    from .presets import get_preset
+
+    get_preset(args.preset)
+    if args.stage == "stage0":
+        from .stages.stage0 import train_judges, train_stage0
+
+        for name, run in (("visual tokenizer", train_stage0), ("judges", train_judges)):
+            manifest = run(preset=args.preset, schedule=args.schedule, data_root=args.data, resume=args.resume,
+                           progress=not args.quiet, steps=args.steps)
+            print(f"stage 0 {name}: {json.dumps(manifest.get('metrics', {}))}")
+    else:
+        from .stages.stage2 import train_stage2
+
+        manifest = train_stage2(preset=args.preset, schedule=args.schedule, data_root=args.data, steps=args.steps,
+                                sampler=args.sampler, resume=args.resume, progress=not args.quiet)
+        print(f"stage 2: {json.dumps(manifest['metrics'])}")
+    return 0
+
+
+def _info(args: argparse.Namespace) -> int:
+    from .info import model_info, format_info
+
+    info = model_info(args.preset)
+    print(json.dumps(info, indent=2) if args.json else format_info(info))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="labkit", description="SEED-Story Lab: reproduce, measure and teach SEED-Story.")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -138,6 +166,22 @@ def build_parser() -> argparse.ArgumentParser:
     show.add_argument("--out", help="PNG path (default: story_<id>.png)")
     show.add_argument("--image-root")
     show.set_defaults(run=_data_show)
+
+    train = commands.add_parser("train", help="train a stage of SEED-Story (stage0: visual tokenizer + judges, stage2: MLLM)")
+    train.add_argument("stage", choices=("stage0", "stage2"))
+    train.add_argument("--preset", default="tiny")
+    train.add_argument("--schedule", default="quick", help="quick (minutes, what the notebooks run) or reference (the committed checkpoints)")
+    train.add_argument("--steps", type=int, help="override the schedule's number of steps")
+    train.add_argument("--resume", action="store_true", help="continue from the run's last checkpoint")
+    train.add_argument("--sampler", default="random-length", help="stage 2 samples: random-length (official) or all-segments")
+    train.add_argument("--data", help="data set folder (default: the preset's, made when missing)")
+    train.add_argument("--quiet", action="store_true")
+    train.set_defaults(run=_train)
+
+    info = commands.add_parser("info", help="parameter counts per component (built on the meta device: no weights needed)")
+    info.add_argument("--preset", default="tiny")
+    info.add_argument("--json", action="store_true")
+    info.set_defaults(run=_info)
 
     report = commands.add_parser("report", help="run the notebooks with papermill and write a report")
     report.add_argument("--preset", default="tiny")

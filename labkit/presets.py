@@ -87,9 +87,9 @@ PRESETS: dict[str, Preset] = {
                    chunk_length=10, bpe_merges=1024, image_tokens=64),
         VisualTokenizerPreset(image_size=64, patch_size=8, width=96, layers=4, heads=4, mlp_width=384,
                               num_features=16, feature_dim=64, pool_heads=4),
-        MLLMPreset(LLMPreset(hidden_size=128, layers=4, heads=4, kv_heads=4, intermediate_size=344,
-                             max_positions=4096, base_vocab=0),
-                   num_queries=16, resampler_heads=4, output_heads=4, lora=None),
+        MLLMPreset(LLMPreset(hidden_size=160, layers=6, heads=5, kv_heads=5, intermediate_size=432,
+                             max_positions=8192, base_vocab=0),
+                   num_queries=16, resampler_heads=5, output_heads=4, lora=None),
     ),
     "small": Preset(
         "small",
