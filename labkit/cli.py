@@ -110,7 +110,7 @@ def _train(args: argparse.Namespace) -> int:
     else:
         from .stages.stage2 import train_stage2
 
-        manifest = train_stage2(preset=args.preset, schedule=args.schedule, data_root=args.data, steps=args.steps,
+        manifest = train_stage2(preset=args.preset, schedule=args.schedule, data_root=args.data, out=args.out, steps=args.steps,
                                 sampler=args.sampler, resume=args.resume, progress=not args.quiet)
         print(f"stage 2: {json.dumps(manifest['metrics'])}")
     return 0
@@ -121,6 +121,13 @@ def _info(args: argparse.Namespace) -> int:
 
     info = model_info(args.preset)
     print(json.dumps(info, indent=2) if args.json else format_info(info))
+    return 0
+
+
+def _bench(args: argparse.Namespace) -> int:
+    from .bench import stage2_step_ratio
+
+    print(json.dumps(stage2_step_ratio(args.preset, batch_size=args.batch_size, repeats=args.repeats), indent=2))
     return 0
 
 
@@ -175,6 +182,7 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--resume", action="store_true", help="continue from the run's last checkpoint")
     train.add_argument("--sampler", default="random-length", help="stage 2 samples: random-length (official) or all-segments")
     train.add_argument("--data", help="data set folder (default: the preset's, made when missing)")
+    train.add_argument("--out", help="stage 2 artifact folder (default: checkpoints/<preset>/mllm for reference, else artifacts/)")
     train.add_argument("--quiet", action="store_true")
     train.set_defaults(run=_train)
 
@@ -182,6 +190,13 @@ def build_parser() -> argparse.ArgumentParser:
     info.add_argument("--preset", default="tiny")
     info.add_argument("--json", action="store_true")
     info.set_defaults(run=_info)
+
+    bench = commands.add_parser("bench", help="speed targets as ratios measured side by side (BENCHMARKS.md)")
+    bench.add_argument("name", choices=("stage2-step",))
+    bench.add_argument("--preset", default="tiny")
+    bench.add_argument("--batch-size", type=int, default=12)
+    bench.add_argument("--repeats", type=int, default=15)
+    bench.set_defaults(run=_bench)
 
     report = commands.add_parser("report", help="run the notebooks with papermill and write a report")
     report.add_argument("--preset", default="tiny")
@@ -192,6 +207,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    import warnings
+
+    # transformers' own deprecation notices (about its internals) are noise for a user of this CLI
+    warnings.filterwarnings("ignore", category=FutureWarning, module="transformers")
     args = build_parser().parse_args(argv)
     try:
         return args.run(args)

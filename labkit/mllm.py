@@ -138,7 +138,7 @@ class SeedStoryMLLM(nn.Module):
 
     def forward(self, batch: MLLMBatch) -> MLLMOutput:
         embeds = self.embed(batch.input_ids, batch.image_input, batch.input_features)
-        hidden = self.causal_lm.model(inputs_embeds=embeds).last_hidden_state  # after the final norm
+        hidden = self.causal_lm.model(inputs_embeds=embeds, use_cache=False).last_hidden_state  # after the final norm
         logits = self.causal_lm.lm_head(hidden)
         lm_loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), batch.labels[:, 1:].flatten(), ignore_index=IGNORE_INDEX)
         if batch.target_features.shape[0]:
@@ -178,3 +178,34 @@ def parameter_counts(model: SeedStoryMLLM) -> dict[str, dict[str, int]]:
     counts["llm_body"] = {"total": sum(p.numel() for p in body), "trainable": sum(p.numel() for p in body if p.requires_grad)}
     counts["all"] = count(model)
     return counts
+
+
+@torch.no_grad()
+def write_next_caption(model: SeedStoryMLLM, tokenizer, captions: list[str], features: torch.Tensor, max_new_tokens: int = 48) -> str:
+    """Greedy decoding of the caption that follows a teacher-forced story prefix (captions + their images).
+
+    The model writes `[INST]` and a caption and stops at `<img>` (the official loop then forces the image
+    slots). Image-slot tokens and `</img>` are banned outside images; the official `generation.py` only
+    sets their logits to 0.0, a soft ban.
+    """
+    from transformers import DynamicCache
+
+    from .data.layout import build_layout
+
+    layout = build_layout(captions, tokenizer, model.num_queries, text_loss=(), image_loss=())
+    ids = torch.tensor([layout.input_ids[:-1]])  # everything up to the last </img>; drop </s>
+    image_input = torch.tensor([layout.image_input[:-1]])
+    banned = torch.tensor(tokenizer.image_token_ids + [tokenizer.eoi_id])
+    body, head = model.causal_lm.model, model.causal_lm.lm_head
+    cache = DynamicCache()
+    hidden = body(inputs_embeds=model.embed(ids, image_input, features[: len(captions)]), cache=cache).last_hidden_state
+    written: list[int] = []
+    for _ in range(max_new_tokens):
+        logits = head(hidden[:, -1]).float()
+        logits[:, banned] = float("-inf")
+        token = int(logits.argmax(-1))
+        if token in (tokenizer.boi_id, tokenizer.eos_id):
+            break
+        written.append(token)
+        hidden = body(inputs_embeds=body.embed_tokens(torch.tensor([[token]])), cache=cache).last_hidden_state
+    return tokenizer.decode(written, skip_special_tokens=True).strip()
