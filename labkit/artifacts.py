@@ -15,7 +15,7 @@ import shutil
 import sys
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -38,8 +38,10 @@ def command_line() -> str:
     return " ".join(["labkit" if sys.argv and sys.argv[0].endswith("labkit") else Path(sys.argv[0]).name, *sys.argv[1:]])
 
 
-def save_artifact(folder: Path | str, state_dict: dict[str, torch.Tensor], manifest: dict, half: bool = False) -> Path:
-    """Write weights + manifest into `folder` atomically (a temporary sibling renamed into place)."""
+def save_artifact(folder: Path | str, state_dict: dict[str, torch.Tensor], manifest: dict, half: bool = False,
+                  extra: Callable[[Path], None] | None = None) -> Path:
+    """Write weights + manifest (+ whatever `extra(folder)` writes, e.g. a tokenizer) into `folder` atomically:
+    everything goes to a temporary sibling that is renamed into place."""
     folder = Path(folder)
     folder.parent.mkdir(parents=True, exist_ok=True)
     tensors = {k: (v.detach().half() if half and v.is_floating_point() else v.detach()).contiguous().cpu() for k, v in state_dict.items()}
@@ -47,6 +49,8 @@ def save_artifact(folder: Path | str, state_dict: dict[str, torch.Tensor], manif
     try:
         save_file(tensors, str(tmp / WEIGHTS))
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2, default=str) + "\n", encoding="utf-8")
+        if extra is not None:
+            extra(tmp)
         replace_directory(tmp, folder)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -131,6 +131,21 @@ def _bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def _trace_cache(args: argparse.Namespace) -> int:
+    from .trace import policy_params, trace_cache, write_trace
+
+    if (args.model is None) == (not args.random):
+        raise LabError("parameter --model/--random: give exactly one (a stage-2 artifact folder, or --random for a random tiny model)")
+    params = policy_params(args.policy, args.window, args.sink, args.cap, args.window_images)
+    trace = trace_cache(args.policy, args.segments, args.model, params, caption_tokens=args.caption_tokens,
+                        recompute_segments=args.recompute_segments)
+    write_trace(trace, args.json)
+    last = trace["steps"][-1]
+    print(f"wrote {args.json}: {len(trace['steps'])} segments, {len(trace['token_ids'])} tokens; "
+          f"after the last segment the cache holds {len(last['kept_positions'])} entries, {last['kv_bytes']:,} bytes")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="labkit", description="SEED-Story Lab: reproduce, measure and teach SEED-Story.")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -197,6 +212,20 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--batch-size", type=int, default=12)
     bench.add_argument("--repeats", type=int, default=15)
     bench.set_defaults(run=_bench)
+
+    trace = commands.add_parser("trace-cache", help="which story positions a KV-cache policy holds, segment by segment")
+    trace.add_argument("--policy", required=True, help="dense, window, sink, mm-sink, mm-sink-as-coded or recompute-window")
+    trace.add_argument("--segments", type=int, default=25)
+    trace.add_argument("--model", help="a stage-2 artifact folder (the model writes its own captions)")
+    trace.add_argument("--random", action="store_true", help="a random tiny model with fixed-length captions")
+    trace.add_argument("--json", required=True, help="output file")
+    trace.add_argument("--window", type=int)
+    trace.add_argument("--sink", type=int)
+    trace.add_argument("--cap", type=int)
+    trace.add_argument("--window-images", type=int)
+    trace.add_argument("--caption-tokens", type=int, default=8, help="caption length with --random")
+    trace.add_argument("--recompute-segments", type=int, default=8, help="segments re-encoded by recompute-window")
+    trace.set_defaults(run=_trace_cache)
 
     report = commands.add_parser("report", help="run the notebooks with papermill and write a report")
     report.add_argument("--preset", default="tiny")

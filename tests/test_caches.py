@@ -358,3 +358,29 @@ def test_rerotation_does_not_drift_over_many_shifts(model1, dtype, tolerance):
             key = apply_rotary_pos_emb(key, key, cos, sin)[1]
         naive = (key.float() - model_rotation(originals[:, :, :1], [0]).float()).abs().max().item()
         assert naive > 3 * worst
+
+
+@pytest.mark.parametrize("policy", ["dense", "sink", "mm-sink", "mm-sink-as-coded"])
+def test_lookahead_leaves_the_cache_as_it_was(policy):
+    """A look-ahead forward (the image query slots) sees the held entries, then leaves no trace."""
+    from labkit.caches import forward_with_cache, make_cache
+
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                         num_key_value_heads=2, max_position_embeddings=512)
+    model = LlamaForCausalLM(config).eval()
+    boi, eoi, q = 60, 61, 4
+    story = [1, 5, 6, boi, 10, 11, 12, 13, eoi, 7, 8, boi, 10, 11, 12, 13, eoi, 9, 9]
+    params = {"dense": {}, "sink": {"sink": 2, "window": 8}, "mm-sink": {"sink": 2, "window": 8, "cap": 24, "num_image_tokens": q,
+              "boi_id": boi, "eoi_id": eoi}, "mm-sink-as-coded": {"num_image_tokens": q, "boi_id": boi, "eoi_id": eoi, "window_images": 1}}[policy]
+    plain, peeked = make_cache(policy, config, **params), make_cache(policy, config, **params)
+    with torch.no_grad():
+        for token in story[:-1]:
+            forward_with_cache(model, plain, torch.tensor([[token]]))
+            forward_with_cache(model, peeked, torch.tensor([[token]]))
+        with peeked.lookahead():
+            forward_with_cache(model, peeked, torch.tensor([[boi, 10, 11]]))
+        assert peeked.kept_positions() == plain.kept_positions() and peeked.nbytes() == plain.nbytes()
+        a = forward_with_cache(model, plain, torch.tensor([[story[-1]]])).logits
+        b = forward_with_cache(model, peeked, torch.tensor([[story[-1]]])).logits
+    assert torch.equal(a, b)

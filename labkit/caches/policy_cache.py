@@ -20,7 +20,8 @@ every token it was given, which an evicting cache does not.
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+import contextlib
+from typing import Any, Iterator, Sequence
 
 import torch
 from transformers import LlamaConfig
@@ -46,6 +47,7 @@ class PolicyCache(Cache):
         self._seen = 0  # tokens fed so far (the story length)
         self._observed: int | None = None  # length of the ids given to `observe` for the next forward
         self._step: Step | None = None
+        self._lookahead = False
 
     # ---- what the generation loop and the lab use -------------------------------------------
 
@@ -75,8 +77,23 @@ class PolicyCache(Cache):
             markers = torch.where((ids == layout.boi_id) | (ids == layout.eoi_id), ids, -1)
             if not bool((markers == markers[:1]).all()):
                 raise ValueError("all rows of a batch must have <img>/</img> at the same positions (they share one cache layout)")
-        self.policy.observe(ids[0].tolist(), start=self._seen)
+        if not self._lookahead:  # a look-ahead adds nothing to the story the policy tracks
+            self.policy.observe(ids[0].tolist(), start=self._seen)
         self._observed = ids.shape[1]
+
+    @contextlib.contextmanager
+    def lookahead(self) -> Iterator["PolicyCache"]:
+        """Forwards inside attend to the held entries but leave the cache exactly as it was.
+
+        The generation loop uses it for an image's Q query slots: their hidden states are regressed to
+        features, then the slots are fed again as input-resampled features, which is what the next
+        segment's context holds in the official loop (brief §5: the image re-enters as regressed features).
+        """
+        self._lookahead = True
+        try:
+            yield self
+        finally:
+            self._lookahead, self._observed = False, None
 
     def kept_positions(self) -> list[int]:
         """Absolute story positions of the held entries, in cache order (a position may repeat in as-coded)."""
@@ -108,10 +125,13 @@ class PolicyCache(Cache):
         if self.rotary is not None:
             self._check_positions(model_kwargs.get("position_ids"), n, q)
 
-        entries = self._positions + list(range(self._seen, self._seen + q))
-        keep = self.policy.select(entries)
-        self._positions = entries if keep is None else [entries[i] for i in keep]
-        self._seen += q
+        if self._lookahead:
+            keep = list(range(n))  # store nothing new, drop nothing old
+        else:
+            entries = self._positions + list(range(self._seen, self._seen + q))
+            keep = self.policy.select(entries)
+            self._positions = entries if keep is None else [entries[i] for i in keep]
+            self._seen += q
 
         device = key_states.device
         step = Step(keep=None if keep is None else torch.tensor(keep, dtype=torch.long, device=device))

@@ -30,6 +30,7 @@ from ..presets import Preset, get_preset
 from ..training import Schedule, train
 
 NAME = "mllm"
+TOKENIZER = "tokenizer"  # the text tokenizer the MLLM was trained with travels inside its artifact
 SCHEDULES = {
     "quick": Schedule(steps=250, batch_size=12, lr=1e-3, warmup=20, checkpoint_every=50, eval_every=125),
     "reference": Schedule(steps=3000, batch_size=12, lr=1e-3, warmup=100, checkpoint_every=250, eval_every=500),
@@ -114,14 +115,16 @@ def build_model(preset: Preset, tokenizer: StoryTokenizer, seed: int = SEED) -> 
     return SeedStoryMLLM(preset, tokenizer.vocab_size)
 
 
-def load_mllm(folder: Path | str, preset_name: str, tokenizer: StoryTokenizer) -> tuple[SeedStoryMLLM, dict]:
-    """A trained MLLM artifact; refused if made for another preset or other sizes."""
+def load_mllm(folder: Path | str, preset_name: str = "tiny") -> tuple[SeedStoryMLLM, StoryTokenizer, dict]:
+    """A trained MLLM artifact with the text tokenizer it was trained with; refused if made for another
+    preset or other sizes."""
     preset = get_preset(preset_name)
+    tokenizer = StoryTokenizer.from_pretrained(Path(folder) / TOKENIZER)
     state, manifest = load_artifact(folder, "stage2", preset_name, mllm_config_hash(preset, tokenizer.vocab_size),
                                     retrain_command(preset_name, "reference"))
     model = SeedStoryMLLM(preset, tokenizer.vocab_size)
     model.load_state_dict(state)
-    return model.eval(), manifest
+    return model.eval(), tokenizer, manifest
 
 
 def train_stage2(preset: str = "tiny", schedule: str = "quick", data_root: Path | str | None = None, out: Path | str | None = None,
@@ -167,7 +170,8 @@ def train_stage2(preset: str = "tiny", schedule: str = "quick", data_root: Path 
         "metrics": {"step0": initial, "final": final},
         "history": [{k: round(v, 5) if isinstance(v, float) else v for k, v in h.items()} for h in result.history[:: max(1, len(result.history) // 100)]],
     }
-    save_artifact(out, model.state_dict(), manifest, half=schedule == "reference")
+    save_artifact(out, model.state_dict(), manifest, half=schedule == "reference",
+                  extra=lambda folder: tokenizer.save_pretrained(folder / TOKENIZER))
     return manifest
 
 
