@@ -17,14 +17,14 @@ from pathlib import Path
 
 import torch
 
-from ..artifacts import command_line, config_hash, load_artifact, save_artifact
+from ..artifacts import command_line, config_hash, load_artifact, read_manifest, save_artifact
 from ..data.layout import build_layout
 from ..data.sampler import SAMPLERS, make_sample
 from ..data.storystream_mini import load_tokenizer
 from ..data.frames import load_frames
 from ..data.text_tokenizer import StoryTokenizer
 from ..doctor import package_versions
-from ..errors import ParameterError
+from ..errors import LabError, ParameterError
 from ..mllm import MLLMBatch, SeedStoryMLLM, collate
 from ..presets import Preset, get_preset
 from ..training import Schedule, train
@@ -119,6 +119,7 @@ def load_mllm(folder: Path | str, preset_name: str = "tiny") -> tuple[SeedStoryM
     """A trained MLLM artifact with the text tokenizer it was trained with; refused if made for another
     preset or other sizes."""
     preset = get_preset(preset_name)
+    read_manifest(folder)  # a missing or malformed manifest is the clearest thing to report first
     tokenizer = StoryTokenizer.from_pretrained(Path(folder) / TOKENIZER)
     state, manifest = load_artifact(folder, "stage2", preset_name, mllm_config_hash(preset, tokenizer.vocab_size),
                                     retrain_command(preset_name, "reference"))
@@ -135,6 +136,13 @@ def train_stage2(preset: str = "tiny", schedule: str = "quick", data_root: Path 
     from .stage0 import features_for_split
 
     config = get_preset(preset)
+    if config.mllm.lora is not None:  # the paper preset: real Llama-2-7B weights, checked before any work
+        from ..doctor import weights_folder
+        from ..official_checkpoint import require_paper_weights
+
+        require_paper_weights(weights_folder(), ("llama", "visual_tokenizer"))
+        raise LabError("stage 2 at the paper preset needs multi-GPU training that this lab does not run yet; "
+                       "`labkit info --preset paper` shows its architecture, and the small preset trains on one GPU")
     if schedule not in SCHEDULES:
         raise ParameterError("--schedule", f"unknown schedule {schedule!r}; choose one of {', '.join(SCHEDULES)}")
     if sampler not in SAMPLERS:
