@@ -94,3 +94,20 @@ def test_trace_cache_bad_parameters(tmp_path, capsys, args, parameter):
 def test_trace_function_matches_generation(setup):
     trace = trace_cache("window", 2, params={"window": 50}, caption_tokens=2)
     assert trace["steps"][-1]["kv_entries"] == len(trace["steps"][-1]["kept_positions"]) <= 50
+
+
+def test_long_context_scores_agree_across_policies_that_see_everything(setup):
+    from labkit.long_context import score_story
+
+    model, tokenizer, _ = setup
+    captions = ["Once upon a time, Mira lived in the forest.", "She found a key.", "She walked to the beach.", "She rested."]
+    features = torch.randn(4, 16, 64, generator=torch.Generator().manual_seed(3))
+    dense = score_story(model, tokenizer, captions, features, "dense")
+    assert len(dense.nll) == 4 and torch.isnan(torch.tensor(dense.nll[0])) and all(v > 0 for v in dense.nll[1:])
+    assert all(0 < e < 2 for e in dense.cosine_error[1:])
+    for policy, params in (("sink", {"sink": 4, "window": 4096}), ("recompute-window", {})):
+        other = score_story(model, tokenizer, captions, features, policy, params, recompute_segments=8)
+        assert torch.allclose(torch.tensor(other.nll[1:]), torch.tensor(dense.nll[1:]), atol=1e-4), policy
+        assert torch.allclose(torch.tensor(other.cosine_error[1:]), torch.tensor(dense.cosine_error[1:]), atol=1e-4), policy
+    small = score_story(model, tokenizer, captions, features, "window", {"window": 24})
+    assert max(small.kv_entries) <= 24 and small.nll[1:] != dense.nll[1:]
