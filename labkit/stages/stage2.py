@@ -17,6 +17,7 @@ from pathlib import Path
 
 import torch
 
+from ..attention import sink_summary
 from ..artifacts import command_line, config_hash, load_artifact, read_manifest, save_artifact
 from ..data.layout import build_layout
 from ..data.sampler import SAMPLERS, make_sample
@@ -33,7 +34,7 @@ NAME = "mllm"
 TOKENIZER = "tokenizer"  # the text tokenizer the MLLM was trained with travels inside its artifact
 SCHEDULES = {
     "quick": Schedule(steps=250, batch_size=12, lr=1e-3, warmup=20, checkpoint_every=50, eval_every=125),
-    "reference": Schedule(steps=3000, batch_size=12, lr=1e-3, warmup=100, checkpoint_every=250, eval_every=500),
+    "reference": Schedule(steps=3000, batch_size=12, lr=1e-3, warmup=100, checkpoint_every=250, eval_every=250),
 }
 VALIDATION_SAMPLES = 48
 SEED = 2
@@ -91,8 +92,9 @@ def validation_batches(chunks: StoryChunks, tokenizer: StoryTokenizer, preset: P
     return [collate(layouts[i:i + batch_size], features[i:i + batch_size], tokenizer.pad_id) for i in range(0, samples, batch_size)]
 
 
-def evaluate(model: SeedStoryMLLM, batches: list[MLLMBatch]) -> dict[str, float]:
-    """Validation CE on the target caption tokens and cosine error (1 - cos) of the regressed features."""
+def evaluate(model: SeedStoryMLLM, batches: list[MLLMBatch], tokenizer: StoryTokenizer | None = None) -> dict[str, float]:
+    """Validation CE on the target caption tokens and cosine error (1 - cos) of the regressed features; with
+    the tokenizer, also the attention-sink ratios on the first batch (for the sink-emergence curves)."""
     device = next(model.parameters()).device
     ce, cos, tokens, images = 0.0, 0.0, 0, 0
     with torch.no_grad():
@@ -103,7 +105,10 @@ def evaluate(model: SeedStoryMLLM, batches: list[MLLMBatch]) -> dict[str, float]
             ce += float(out.lm_loss) * n_tokens
             cos += float(out.rec_loss) * n_images
             tokens, images = tokens + n_tokens, images + n_images
-    return {"val_ce": ce / max(tokens, 1), "val_cosine_error": cos / max(images, 1)}
+    metrics = {"val_ce": ce / max(tokens, 1), "val_cosine_error": cos / max(images, 1)}
+    if tokenizer is not None:
+        metrics.update(sink_summary(model, batches[0].to(device), tokenizer))
+    return metrics
 
 
 def retrain_command(preset: str, schedule: str) -> str:
@@ -162,13 +167,13 @@ def train_stage2(preset: str = "tiny", schedule: str = "quick", data_root: Path 
     val_chunks = StoryChunks.from_split(load_frames(data_root, "val").captions, features_for_split(preset, "val", data_root), chunk_length)
     model = build_model(config, tokenizer, seed)
     batches = validation_batches(val_chunks, tokenizer, config)
-    initial = evaluate(model.eval(), batches)
+    initial = evaluate(model.eval(), batches, tokenizer)
     result = train(model, make_batch_fn(train_chunks, tokenizer, config, sampler, seed), lambda m, b: _loss(m, b),
-                   plan, workdir, evaluate=lambda m: evaluate(m, batches), resume=resume, progress=progress,
+                   plan, workdir, evaluate=lambda m: evaluate(m, batches, tokenizer), resume=resume, progress=progress,
                    desc=f"stage 2 ({schedule})", stop_after=stop_after)
     if stop_after is not None and stop_after < plan.steps:
         return {"interrupted_at": stop_after}
-    final = evaluate(model.eval(), batches)
+    final = evaluate(model.eval(), batches, tokenizer)
     manifest = {
         "stage": "stage2", "name": NAME, "preset": preset, "schedule": schedule, "sampler": sampler,
         "config_hash": mllm_config_hash(config, tokenizer.vocab_size), "seed": seed, "git_commit": git_commit(),
@@ -176,11 +181,18 @@ def train_stage2(preset: str = "tiny", schedule: str = "quick", data_root: Path 
         "wall_seconds": round(time.perf_counter() - start, 1), "train_seconds": round(result.seconds, 1),
         "resumed_from_step": result.resumed_from, "data": str(data_root), "vocab_size": tokenizer.vocab_size,
         "metrics": {"step0": initial, "final": final},
-        "history": [{k: round(v, 5) if isinstance(v, float) else v for k, v in h.items()} for h in result.history[:: max(1, len(result.history) // 100)]],
+        "history": _thin(result.history),
     }
     save_artifact(out, model.state_dict(), manifest, half=schedule == "reference",
                   extra=lambda folder: tokenizer.save_pretrained(folder / TOKENIZER))
     return manifest
+
+
+def _thin(history: list[dict], points: int = 100) -> list[dict]:
+    """About `points` training-loss entries for the manifest, and every evaluation entry."""
+    stride = max(1, len(history) // points)
+    kept = [h for i, h in enumerate(history) if i % stride == 0 or "val_ce" in h or i == len(history) - 1]
+    return [{k: round(v, 5) if isinstance(v, float) else v for k, v in h.items()} for h in kept]
 
 
 def _loss(model: SeedStoryMLLM, batch: MLLMBatch) -> tuple[torch.Tensor, dict]:
