@@ -63,14 +63,15 @@ class _Writer:
     def __init__(self, model: SeedStoryMLLM, tokenizer: StoryTokenizer, cache):
         self.model, self.tokenizer, self.cache = model, tokenizer, cache
         self.body, self.head = model.causal_lm.model, model.causal_lm.lm_head
+        self.device = next(model.parameters()).device
         self.ids: list[int] = []
         self.types: list[str] = []
 
     def feed(self, ids: list[int], types: list[str], features: torch.Tensor | None = None, record: bool = True) -> torch.Tensor:
         """Run `ids` (image slots filled from `features` [1, N, D] when given); return the last hidden states."""
-        tensor = torch.tensor([ids])
-        slots = torch.tensor([[t == "image" for t in types]]) if features is not None else torch.zeros_like(tensor, dtype=torch.bool)
-        empty = torch.zeros((0, *self.model.output_resampler.pos_embed.shape))
+        tensor = torch.tensor([ids], device=self.device)
+        slots = torch.tensor([[t == "image" for t in types]], device=self.device) if features is not None else torch.zeros_like(tensor, dtype=torch.bool)
+        empty = torch.zeros((0, *self.model.output_resampler.pos_embed.shape), device=self.device)
         embeds = self.model.embed(tensor, slots, features if features is not None else empty)
         hidden = forward_with_cache(self.body, self.cache, tensor, inputs_embeds=embeds).last_hidden_state
         if record:
@@ -107,7 +108,7 @@ class _Writer:
         """Greedy tokens until the model asks for `<img>` (forced after `max_tokens`; with `exact`, always
         `max_tokens` tokens, so a story's layout is known in advance, e.g. for cache traces)."""
         t = self.tokenizer
-        banned = torch.tensor([*t.image_token_ids, t.eoi_id, t.eos_id, t.bos_id, t.pad_id, t.inst_id, *([t.boi_id] if exact else [])])
+        banned = torch.tensor([*t.image_token_ids, t.eoi_id, t.eos_id, t.bos_id, t.pad_id, t.inst_id, *([t.boi_id] if exact else [])], device=self.device)
         written: list[int] = []
         for _ in range(max_tokens):
             logits = self.head(hidden[:, -1]).float()

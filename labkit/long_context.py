@@ -39,7 +39,7 @@ def _score_segment(writer: _Writer, tokenizer: StoryTokenizer, caption: str, fea
     # predictions for ids[1:] come from positions ids[:-1]; `[INST]` is predicted by the previous segment's end
     states = torch.cat([hidden_before[:, -1:], hidden], dim=1)
     logits = writer.head(states).float()[0]
-    targets = torch.tensor(ids + [tokenizer.boi_id])
+    targets = torch.tensor(ids + [tokenizer.boi_id], device=logits.device)
     nll = float(F.cross_entropy(logits, targets))
     regressed = writer.regress_next_image()
     error = float(cosine_loss(regressed.unsqueeze(0), features.unsqueeze(0)))

@@ -70,6 +70,7 @@ class TrainResult:
     final_metrics: dict
     resumed_from: int  # 0 for a fresh run
     seconds: float
+    is_main_process: bool = True  # in a multi-process run only the main process writes artifacts
 
 
 def train(
@@ -128,7 +129,7 @@ def train(
             _save_checkpoint(accelerator, checkpoint, {"step": done, "history": history})
     bar.close()
     final = {k: v for k, v in history[-1].items() if k not in ("step", "lr")} if history else {}
-    return TrainResult(history, final, start_step, time.perf_counter() - begin)
+    return TrainResult(history, final, start_step, time.perf_counter() - begin, accelerator.is_main_process)
 
 
 def _evaluate(model: torch.nn.Module, evaluate: Callable[[torch.nn.Module], dict], accelerator: Accelerator) -> dict:

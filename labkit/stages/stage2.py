@@ -183,8 +183,9 @@ def train_stage2(preset: str = "tiny", schedule: str = "quick", data_root: Path 
         "metrics": {"step0": initial, "final": final},
         "history": _thin(result.history),
     }
-    save_artifact(out, model.state_dict(), manifest, half=schedule == "reference",
-                  extra=lambda folder: tokenizer.save_pretrained(folder / TOKENIZER))
+    if result.is_main_process:
+        save_artifact(out, model.state_dict(), manifest, half=schedule == "reference",
+                      extra=lambda folder: tokenizer.save_pretrained(folder / TOKENIZER))
     return manifest
 
 
