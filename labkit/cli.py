@@ -146,6 +146,33 @@ def _trace_cache(args: argparse.Namespace) -> int:
     return 0
 
 
+def _stream_eval(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from .atomic import write_text
+    from .stream_eval import load_causal_lm, stream_eval
+
+    if args.tokens < 2 or args.window < 1 or args.sink < 0:
+        raise LabError("parameter --tokens/--window/--sink: need tokens >= 2, window >= 1, sink >= 0")
+    model, tokenizer = load_causal_lm(args.model)
+    if args.text:
+        path = Path(args.text)
+        if not path.is_file():
+            raise LabError(f"{path}: text file not found")
+        if tokenizer is None:
+            raise LabError(f"{args.model}: has no tokenizer files to encode --text with")
+        ids = tokenizer(path.read_text(encoding="utf-8"))["input_ids"][: args.tokens]
+    else:  # no text given: a reproducible token stream (meaningful only for random-model smoke runs)
+        import torch
+
+        ids = torch.randint(0, model.config.vocab_size, (args.tokens,), generator=torch.Generator().manual_seed(0)).tolist()
+    result = stream_eval(model, ids, tuple(args.policies.split(",")), args.window, args.sink, progress=not args.quiet)
+    write_text(args.json, json.dumps(result) + "\n")
+    for policy, curve in result["curves"].items():
+        print(f"{policy:<7} final running perplexity {curve['running_ppl'][-1]:.2f}, KV {curve['kv_bytes'][-1]:,} bytes")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="labkit", description="SEED-Story Lab: reproduce, measure and teach SEED-Story.")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -226,6 +253,17 @@ def build_parser() -> argparse.ArgumentParser:
     trace.add_argument("--caption-tokens", type=int, default=8, help="caption length with --random")
     trace.add_argument("--recompute-segments", type=int, default=8, help="segments re-encoded by recompute-window")
     trace.set_defaults(run=_trace_cache)
+
+    stream = commands.add_parser("stream-eval", help="attention_sinks-style perplexity/memory/latency curves on a local causal LM")
+    stream.add_argument("--model", required=True, help="a local Llama-family model folder (from_pretrained, offline)")
+    stream.add_argument("--text", help="a UTF-8 text file to stream (default: random token ids, for smoke runs)")
+    stream.add_argument("--tokens", type=int, default=2000)
+    stream.add_argument("--window", type=int, default=1020)
+    stream.add_argument("--sink", type=int, default=4)
+    stream.add_argument("--policies", default="dense,window,sink")
+    stream.add_argument("--json", required=True)
+    stream.add_argument("--quiet", action="store_true")
+    stream.set_defaults(run=_stream_eval)
 
     report = commands.add_parser("report", help="run the notebooks with papermill and write a report")
     report.add_argument("--preset", default="tiny")
