@@ -11,7 +11,9 @@ give 1/(t+1) to BOS. `sink ratio` = mean attention on a type / mean attention it
 
 from __future__ import annotations
 
+import contextlib
 from collections import Counter
+from typing import Iterator
 
 import torch
 
@@ -55,17 +57,32 @@ def key_types(input_ids: list[int], tokenizer: StoryTokenizer, head_slots: int =
     return labels
 
 
-@torch.no_grad()
-def attention_maps(model: SeedStoryMLLM, batch: MLLMBatch) -> list[torch.Tensor]:
-    """Per layer, attention weights [B, heads, T, T] (computed with eager attention, then switched back)."""
-    llm = model.causal_lm
+@contextlib.contextmanager
+def eager_attention(llm) -> Iterator[None]:
+    """SDPA returns no weights: switch a `LlamaForCausalLM` to eager attention for a while."""
     previous = llm.config._attn_implementation
     llm.set_attn_implementation("eager")
     try:
-        embeds = model.embed(batch.input_ids, batch.image_input, batch.input_features)
-        out = llm.model(inputs_embeds=embeds, output_attentions=True, use_cache=False)
+        yield
     finally:
         llm.set_attn_implementation(previous)
+
+
+@torch.no_grad()
+def attention_maps(model: SeedStoryMLLM, batch: MLLMBatch) -> list[torch.Tensor]:
+    """Per layer, attention weights [B, heads, T, T] of the MLLM on a batch (image slots filled)."""
+    llm = model.causal_lm
+    with eager_attention(llm):
+        embeds = model.embed(batch.input_ids, batch.image_input, batch.input_features)
+        out = llm.model(inputs_embeds=embeds, output_attentions=True, use_cache=False)
+    return [a.float() for a in out.attentions]
+
+
+@torch.no_grad()
+def attention_maps_plain(llm, input_ids: torch.Tensor) -> list[torch.Tensor]:
+    """Per layer, attention weights of a plain `LlamaForCausalLM` on token ids."""
+    with eager_attention(llm):
+        out = llm.model(input_ids=input_ids, output_attentions=True, use_cache=False)
     return [a.float() for a in out.attentions]
 
 

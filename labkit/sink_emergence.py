@@ -1,0 +1,145 @@
+"""When does an attention sink emerge? A small study of the levers the literature reports (issue 4, item 7).
+
+Gu et al. (ICLR 2025, "When Attention Sink Emerges in Language Models") find sinks grow with training tokens
+and steps, and depend on the data; Guo et al. (2024, active-dormant heads) show a Bigram-Backcopy task - a
+random bigram chain in which, after one of a few trigger tokens, the next token copies the token before the
+trigger - grows a BOS sink in a small model within minutes: heads that have nothing to do outside triggers
+park their attention on BOS. The lab's measured starting point (DESIGN §9): story text alone left a 2.1 M
+Llama with no BOS sink after 12 CPU minutes; Bigram-Backcopy grew one (5× uniform at ~850 steps).
+
+Three data settings train the same `LlamaForCausalLM` (the tiny preset's sizes) and record, every few steps,
+each layer's attention on BOS relative to uniform:
+- `story`: StoryStream-mini captions of one story packed with `[INST]` separators after `<s>`;
+- `story+copy`: the same with triggered-copy pairs inserted at random (a trigger, then a copy of the token
+  before it) - the kind of "nothing to do here" positions that make heads dormant;
+- `backcopy`: the synthetic Bigram-Backcopy stream.
+"""
+
+from __future__ import annotations
+
+import random
+import time
+from dataclasses import dataclass
+
+import torch
+from transformers import LlamaForCausalLM
+
+from .attention import attention_maps_plain
+from .data.text_tokenizer import StoryTokenizer
+from .mllm import llm_config
+from .presets import get_preset
+
+SETTINGS = ("story", "story+copy", "backcopy")
+TRIGGERS = 4
+
+
+@dataclass(frozen=True)
+class EmergenceConfig:
+    steps: int = 600
+    batch_size: int = 8
+    length: int = 256
+    lr: float = 1e-3
+    weight_decay: float = 0.05
+    every: int = 100  # measure the sink ratios every this many steps
+    copy_rate: float = 0.08  # story+copy: share of positions followed by a trigger-copy pair
+    bigram_vocab: int = 256
+    seed: int = 0
+
+
+class StreamData:
+    """Token sequences of one setting; vocabulary = the story tokenizer's + TRIGGERS trigger tokens."""
+
+    def __init__(self, setting: str, tokenizer: StoryTokenizer, captions: list[list[str]], config: EmergenceConfig):
+        self.setting, self.tokenizer, self.config = setting, tokenizer, config
+        self.triggers = list(range(tokenizer.vocab_size, tokenizer.vocab_size + TRIGGERS))
+        self.vocab_size = tokenizer.vocab_size + TRIGGERS
+        self.stories = [self._pack(story) for story in captions]
+        generator = torch.Generator().manual_seed(config.seed)
+        # each bigram token has 4 likely successors: a sparse random transition table (ids offset past specials)
+        self.successors = torch.randint(0, config.bigram_vocab, (config.bigram_vocab, 4), generator=generator)
+
+    def _pack(self, story: list[str]) -> list[int]:
+        ids = [self.tokenizer.bos_id]
+        for index, caption in enumerate(story):
+            ids += ([self.tokenizer.inst_id] if index else []) + self.tokenizer.encode(caption)
+        return ids
+
+    def sequence(self, rng: random.Random) -> list[int]:
+        n = self.config.length
+        if self.setting == "backcopy":
+            ids, offset = [self.tokenizer.bos_id], 300  # bigram tokens live above the special and short tokens
+            current = rng.randrange(self.config.bigram_vocab)
+            while len(ids) < n:
+                if len(ids) > 2 and rng.random() < 0.1:
+                    ids += [rng.choice(self.triggers), ids[-1]]  # after a trigger: copy the token before it
+                else:
+                    current = int(self.successors[current, rng.randrange(4)])
+                    ids.append(offset + current)
+            return ids[:n]
+        story = self.stories[rng.randrange(len(self.stories))]
+        start = rng.randrange(max(1, len(story) - n)) if len(story) > n else 0
+        body = story[max(1, start): max(1, start) + n]
+        ids = [self.tokenizer.bos_id]
+        for token in body:
+            ids.append(token)
+            if self.setting == "story+copy" and rng.random() < self.config.copy_rate:
+                ids += [rng.choice(self.triggers), token]
+        return (ids + [self.tokenizer.pad_id] * n)[:n]
+
+    def batch(self, step: int, rows: int) -> torch.Tensor:
+        return torch.tensor([self.sequence(random.Random(f"{self.config.seed}/{self.setting}/{step}/{row}")) for row in range(rows)])
+
+
+def bos_ratios(model: LlamaForCausalLM, batch: torch.Tensor, skip: int = 8) -> list[float]:
+    """Per layer (head mean): attention on position 0 divided by the uniform share 1/(t+1), queries t >= skip."""
+    maps = attention_maps_plain(model, batch)
+    positions = torch.arange(batch.shape[1], dtype=torch.float)
+    uniform = (1 / (positions[skip:] + 1)).mean()
+    return [float(weights[..., skip:, 0].mean() / uniform) for weights in maps]
+
+
+def run_setting(setting: str, tokenizer: StoryTokenizer, captions: list[list[str]], config: EmergenceConfig,
+                progress: bool = False) -> dict:
+    """Train one setting; return the BOS-sink curve per layer, the losses and the trained model."""
+    from tqdm.auto import tqdm
+
+    data = StreamData(setting, tokenizer, captions, config)
+    torch.manual_seed(config.seed)
+    model = LlamaForCausalLM(llm_config(get_preset("tiny"), data.vocab_size))
+    model.config.pad_token_id = tokenizer.pad_id
+    optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+    probe = data.batch(-1, 4)
+    curve = {"step": [0], "bos_ratio": [bos_ratios(model, probe)], "loss": []}
+    start = time.perf_counter()
+    for step in tqdm(range(1, config.steps + 1), desc=setting, disable=not progress):
+        model.train()
+        batch = data.batch(step, config.batch_size)
+        labels = batch.masked_fill(batch == tokenizer.pad_id, -100)
+        loss = model(input_ids=batch, labels=labels, use_cache=False).loss
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        curve["loss"].append(loss.item())
+        if step % config.every == 0 or step == config.steps:
+            curve["step"].append(step)
+            curve["bos_ratio"].append(bos_ratios(model.eval(), probe))
+    curve["seconds"] = time.perf_counter() - start
+    return {"setting": setting, "curve": curve, "model": model.eval(), "data": data}
+
+
+@torch.no_grad()
+def window_vs_sink(model: LlamaForCausalLM, data: StreamData, tokens: int = 768, window: int = 124, sink: int = 4) -> dict[str, float]:
+    """Mean NLL of a long stream of the setting's data under dense, window and sink caches (last half)."""
+    from .stream_eval import stream_nll
+
+    rng = random.Random("stream")
+    ids = []
+    while len(ids) < tokens:
+        ids += data.sequence(rng)[1:] if ids else data.sequence(rng)
+    ids = [t for t in ids if t != data.tokenizer.pad_id][:tokens]
+    results = {}
+    for policy, params in (("dense", {}), ("window", {"window": window + sink}), ("sink", {"sink": sink, "window": window})):
+        nll = stream_nll(model, ids, policy, params)["nll"]
+        results[policy] = float(torch.tensor(nll[len(nll) // 2:]).mean())
+    return results
+
