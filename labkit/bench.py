@@ -88,3 +88,49 @@ def stage2_step_ratio(preset_name: str = "tiny", batch_size: int = 12, repeats: 
         "ratio": round(mllm_median / plain_median, 3), "target": "<= 1.25",
         "machine": f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}",
     }
+
+
+def generation_ratios(segments: int = 100, caption_tokens: int = 12, window: int = 256, sink: int = 4, cap: int = 384,
+                      recompute_segments: int = 8, seed: int = 0) -> dict:
+    """Sink-policy targets of DESIGN §8 on the tiny preset, one run, random weights (timing does not depend on them):
+
+    - `sink` / `mm-sink` time per segment at segment 100 vs segment 10 (target <= 1.15: bounded cost);
+    - `dense` KV bytes at 25 segments vs `mm-sink` (target >= 2);
+    - `mm-sink` vs `recompute-window` time per segment at 25 segments (target >= 10x faster).
+    Per-segment times are medians over a few neighbouring segments to damp scheduler noise.
+    """
+    from .data.storystream_mini import load_tokenizer
+    from .generate import generate_story
+    from .report import project_root
+
+    preset = get_preset("tiny")
+    tokenizer = load_tokenizer(project_root() / "data_samples" / "storystream-mini")
+    torch.manual_seed(seed)
+    model = SeedStoryMLLM(preset, tokenizer.vocab_size).eval()
+    first = torch.randn(preset.visual_tokenizer.num_features, preset.visual_tokenizer.feature_dim)
+    opening = "Once upon a time, Mira, a small red round creature with a yellow hat, lived in the quiet forest."
+    plans = {"sink": ({"sink": sink, "window": window}, segments), "mm-sink": ({"sink": sink, "window": window, "cap": cap}, segments),
+             "dense": ({}, 25), "recompute-window": ({}, 25)}
+    runs = {}
+    for policy, (params, length) in plans.items():
+        runs[policy] = generate_story(model, tokenizer, opening, first, length, policy, params, recompute_segments=recompute_segments,
+                                      max_caption_tokens=caption_tokens, fixed_caption_tokens=True).steps
+
+    def around(steps, segment: int) -> float:
+        return statistics.median(s.seconds for s in steps[max(1, segment - 3): segment + 2])
+
+    at = lambda policy, segment: around(runs[policy], segment)  # noqa: E731
+    return {
+        "benchmark": "generation", "segments": segments, "caption_tokens": caption_tokens,
+        "params": {"window": window, "sink": sink, "cap": cap, "recompute_segments": recompute_segments},
+        "sink_seconds_at_10_and_100": [round(at("sink", 10), 4), round(at("sink", segments - 1), 4)],
+        "sink_ratio_100_vs_10": round(at("sink", segments - 1) / at("sink", 10), 3),
+        "mm_sink_seconds_at_10_and_100": [round(at("mm-sink", 10), 4), round(at("mm-sink", segments - 1), 4)],
+        "mm_sink_ratio_100_vs_10": round(at("mm-sink", segments - 1) / at("mm-sink", 10), 3),
+        "dense_vs_mm_sink_kv_bytes_at_25": round(runs["dense"][24].kv_bytes / runs["mm-sink"][24].kv_bytes, 3),
+        "kv_bytes_at_25": {p: runs[p][24].kv_bytes for p in ("dense", "mm-sink", "recompute-window", "sink")},
+        "recompute_vs_mm_sink_seconds_at_25": round(at("recompute-window", 24) / at("mm-sink", 24), 3),
+        "seconds_at_25": {p: round(at(p, 24), 4) for p in runs},
+        "targets": {"ratio_100_vs_10": "<= 1.15", "dense_vs_mm_sink_kv": ">= 2", "recompute_vs_mm_sink_time": ">= 10"},
+        "machine": f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}",
+    }

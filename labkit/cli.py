@@ -125,9 +125,12 @@ def _info(args: argparse.Namespace) -> int:
 
 
 def _bench(args: argparse.Namespace) -> int:
-    from .bench import stage2_step_ratio
+    from .bench import generation_ratios, stage2_step_ratio
 
-    print(json.dumps(stage2_step_ratio(args.preset, batch_size=args.batch_size, repeats=args.repeats), indent=2))
+    if args.name == "generation":
+        print(json.dumps(generation_ratios(segments=args.segments), indent=2))
+    else:
+        print(json.dumps(stage2_step_ratio(args.preset, batch_size=args.batch_size, repeats=args.repeats), indent=2))
     return 0
 
 
@@ -170,6 +173,20 @@ def _stream_eval(args: argparse.Namespace) -> int:
     write_text(args.json, json.dumps(result) + "\n")
     for policy, curve in result["curves"].items():
         print(f"{policy:<7} final running perplexity {curve['running_ppl'][-1]:.2f}, KV {curve['kv_bytes'][-1]:,} bytes")
+    return 0
+
+
+def _sink_study(args: argparse.Namespace) -> int:
+    from .atomic import write_text
+    from .sink_emergence import EmergenceConfig, run_study
+
+    if args.steps < 1:
+        raise LabError(f"parameter --steps: must be >= 1 (got {args.steps})")
+    results = run_study(EmergenceConfig(steps=args.steps, every=max(1, args.steps // 8)), data_root=args.data, progress=not args.quiet)
+    write_text(args.out, json.dumps(results, indent=1) + "\n")
+    for setting, result in results["settings"].items():
+        print(f"{setting:<11} max BOS sink {result['max_bos_ratio']:.1f}x uniform; NLL dense/window/sink "
+              + "/".join(f"{v:.3f}" for v in result["window_vs_sink_nll"].values()))
     return 0
 
 
@@ -234,7 +251,8 @@ def build_parser() -> argparse.ArgumentParser:
     info.set_defaults(run=_info)
 
     bench = commands.add_parser("bench", help="speed targets as ratios measured side by side (BENCHMARKS.md)")
-    bench.add_argument("name", choices=("stage2-step",))
+    bench.add_argument("name", choices=("stage2-step", "generation"))
+    bench.add_argument("--segments", type=int, default=100, help="generation: story length for the sink policies")
     bench.add_argument("--preset", default="tiny")
     bench.add_argument("--batch-size", type=int, default=12)
     bench.add_argument("--repeats", type=int, default=15)
@@ -264,6 +282,13 @@ def build_parser() -> argparse.ArgumentParser:
     stream.add_argument("--json", required=True)
     stream.add_argument("--quiet", action="store_true")
     stream.set_defaults(run=_stream_eval)
+
+    study = commands.add_parser("sink-study", help="when does a BOS attention sink emerge? three data settings, same model")
+    study.add_argument("--steps", type=int, default=600)
+    study.add_argument("--data", help="data set folder (default: the tiny preset's)")
+    study.add_argument("--out", default="checkpoints/tiny/sink_emergence.json")
+    study.add_argument("--quiet", action="store_true")
+    study.set_defaults(run=_sink_study)
 
     report = commands.add_parser("report", help="run the notebooks with papermill and write a report")
     report.add_argument("--preset", default="tiny")

@@ -143,3 +143,27 @@ def window_vs_sink(model: LlamaForCausalLM, data: StreamData, tokens: int = 768,
         results[policy] = float(torch.tensor(nll[len(nll) // 2:]).mean())
     return results
 
+
+
+def run_study(config: EmergenceConfig, data_root=None, settings: tuple[str, ...] = SETTINGS, progress: bool = True) -> dict:
+    """Every setting: its BOS-sink curve per layer, its losses, and window vs sink NLL on its own data."""
+    from dataclasses import asdict
+
+    from .data.frames import load_frames
+    from .data.storystream_mini import load_tokenizer
+    from .doctor import package_versions
+    from .report import ensure_dataset, git_commit
+
+    root = data_root or ensure_dataset("tiny", progress)
+    tokenizer = load_tokenizer(root)
+    captions = load_frames(root, "train").captions
+    results = {"config": asdict(config), "git_commit": git_commit(), "packages": package_versions(), "settings": {}}
+    for setting in settings:
+        run = run_setting(setting, tokenizer, captions, config, progress)
+        curve = run["curve"]
+        results["settings"][setting] = {
+            "steps": curve["step"], "bos_ratio": curve["bos_ratio"], "loss": curve["loss"][:: max(1, len(curve["loss"]) // 100)],
+            "max_bos_ratio": max(max(r) for r in curve["bos_ratio"]), "seconds": round(curve["seconds"], 1),
+            "window_vs_sink_nll": window_vs_sink(run["model"], run["data"]),
+        }
+    return results
