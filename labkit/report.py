@@ -73,6 +73,9 @@ def planned_runs(preset: str, progress: bool) -> list[NotebookRun]:
                     "Stage 0: the visual tokenizer and the judges (reference checkpoints)"),
         NotebookRun("04_stage2_mllm.ipynb", {"data_dir": data, "preset": preset, "train_live": False},
                     "Stage 2: the MLLM (reference checkpoint): losses, captions, regressed features"),
+        NotebookRun("05_attention_sinks.ipynb", {"preset": preset, "trace_segments": 25, "long_context_stories": 4,
+                                                 "stress_stories": 2},
+                    "KV-cache policies, the RoPE clock, long-context curves (30 and 100 segments), attention sinks"),
     ]
 
 
