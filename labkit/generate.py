@@ -44,6 +44,7 @@ class SegmentStep:
     kv_entries: int
     kv_bytes: int
     kept_positions: list[int]
+    rotation_positions: list[int] | None = None  # RoPE position each held key encodes (see PolicyCache)
 
 
 @dataclass
@@ -177,7 +178,8 @@ def generate_story(model: SeedStoryMLLM, tokenizer: StoryTokenizer, first_captio
 
 
 def _record(run: StoryRun, cache, segment: int, start: float) -> None:
-    run.steps.append(SegmentStep(segment, time.perf_counter() - start, cache.get_seq_length(), cache.nbytes(), cache.kept_positions()))
+    run.steps.append(SegmentStep(segment, time.perf_counter() - start, cache.get_seq_length(), cache.nbytes(), cache.kept_positions(),
+                                 cache.rotation_positions()))
 
 
 def _recompute_window(model: SeedStoryMLLM, tokenizer: StoryTokenizer, run: StoryRun, segments: int,

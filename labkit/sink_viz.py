@@ -74,14 +74,13 @@ def rope_clock(trace: dict, theta: float = 10000.0, head_dim: int = 32) -> dict:
     """Rotation carried by each held key vs the rotation its slot should have, after the last segment.
 
     A re-rotating cache (StreamingLLM) gives held key i the angle of slot i; the official sink as coded
-    keeps each key's original rotation (its story position p) while new queries sit at position n = held
-    entries: relative distances n - p are wrong, even negative ("keys from the future").
+    keeps each key with the rotation it got when computed (the cache length then) while new queries sit at
+    position n = held entries: after evictions those distances are wrong, some even negative.
     """
     step = trace["steps"][-1]
-    held = np.asarray(step["kept_positions"])
-    slots = np.arange(len(held))
-    query = len(held)
-    carried = held if trace["policy"] in ("mm-sink-as-coded", "dense") else slots
+    slots = np.arange(len(step["kept_positions"]))
+    query = len(slots)  # the next query's position: right after the held entries
+    carried = np.asarray(step["rotation_positions"])
     frequency = theta ** (-2 * 0 / head_dim)  # the fastest-turning pair: angle = position × 1 rad
     slowest = theta ** (-2 * (head_dim // 2 - 1) / head_dim)
     return {"slots": slots, "carried": carried, "query": query, "distance_error": (query - carried) - (query - slots),

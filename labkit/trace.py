@@ -72,7 +72,9 @@ def trace_cache(policy: str, segments: int, model_path: str | Path | None = None
         "policy": policy, "params": params, "token_ids": run.token_ids, "token_types": run.token_types,
         "captions": run.captions,
         "steps": [{"segment": s.segment, "kept_positions": s.kept_positions, "kv_bytes": s.kv_bytes,
-                   "kv_entries": s.kv_entries, "seconds": round(s.seconds, 5)} for s in run.steps],
+                   "kv_entries": s.kv_entries, "seconds": round(s.seconds, 5),
+                   "rotation_positions": s.rotation_positions if s.rotation_positions is not None else list(range(s.kv_entries))}
+                  for s in run.steps],
     }
 
 

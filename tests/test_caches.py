@@ -384,3 +384,26 @@ def test_lookahead_leaves_the_cache_as_it_was(policy):
         a = forward_with_cache(model, plain, torch.tensor([[story[-1]]])).logits
         b = forward_with_cache(model, peeked, torch.tensor([[story[-1]]])).logits
     assert torch.equal(a, b)
+
+
+def test_rotation_positions_are_slots_when_rerotated_and_frozen_otherwise():
+    from labkit.caches import forward_with_cache, make_cache
+
+    config = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                         num_key_value_heads=2, max_position_embeddings=512)
+    model = LlamaForCausalLM(config).eval()
+    boi, eoi, q = 60, 61, 4
+    segment = [5, 6, 7, 8, 9, boi, 10, 11, 12, 13, eoi]
+    story = [1] + segment * 4
+    shifted = make_cache("sink", config, sink=2, window=10)
+    coded = make_cache("mm-sink-as-coded", config, num_image_tokens=q, boi_id=boi, eoi_id=eoi, window_images=2)
+    with torch.no_grad():
+        for token in story:
+            forward_with_cache(model, shifted, torch.tensor([[token]]))
+            forward_with_cache(model, coded, torch.tensor([[token]]))
+    assert shifted.rotation_positions() == list(range(12))
+    rotations, kept = coded.rotation_positions(), coded.kept_positions()
+    assert len(rotations) == len(kept)
+    # before the first eviction every key was rotated at its story position; afterwards at the cache length then
+    assert rotations[:4] == kept[:4] == [0, 1, 2, 3]
+    assert rotations != list(range(len(rotations)))  # stale: not the slots a correct cache would give them

@@ -44,6 +44,7 @@ class PolicyCache(Cache):
         ]
         super().__init__(layers=layers)
         self._positions: list[int] = []  # absolute position of each held entry, cache order
+        self._rotations: list[int] = []  # position each held key was rotated with when it was computed
         self._seen = 0  # tokens fed so far (the story length)
         self._observed: int | None = None  # length of the ids given to `observe` for the next forward
         self._step: Step | None = None
@@ -99,6 +100,11 @@ class PolicyCache(Cache):
         """Absolute story positions of the held entries, in cache order (a position may repeat in as-coded)."""
         return list(self._positions)
 
+    def rotation_positions(self) -> list[int]:
+        """The RoPE position each held key encodes: its slot 0..n-1 for re-rotating policies; for the others
+        the position the model gave it (the held-entry count at the time), which no later step corrects."""
+        return list(range(len(self._positions))) if self.rotary is not None else list(self._rotations)
+
     def nbytes(self) -> int:
         """Bytes of K/V held, all layers (pre-RoPE keys for re-rotating policies: same size)."""
         return sum(layer.nbytes() for layer in self.layers)
@@ -113,7 +119,7 @@ class PolicyCache(Cache):
     def reset(self) -> None:
         super().reset()
         self.policy.reset()
-        self._positions, self._seen, self._observed, self._step = [], 0, None, None
+        self._positions, self._rotations, self._seen, self._observed, self._step = [], [], 0, None, None
 
     def _open_step(self, key_states: torch.Tensor, model_kwargs: dict[str, Any]) -> Step:
         q, n = key_states.shape[-2], len(self._positions)
@@ -129,8 +135,10 @@ class PolicyCache(Cache):
             keep = list(range(n))  # store nothing new, drop nothing old
         else:
             entries = self._positions + list(range(self._seen, self._seen + q))
+            rotations = self._rotations + list(range(n, n + q))  # Llama's default positions: after the held entries
             keep = self.policy.select(entries)
             self._positions = entries if keep is None else [entries[i] for i in keep]
+            self._rotations = rotations if keep is None else [rotations[i] for i in keep]
             self._seen += q
 
         device = key_states.device
