@@ -165,7 +165,7 @@ def generate_story(model: SeedStoryMLLM, tokenizer: StoryTokenizer, first_captio
     cache = make_cache(policy, model.causal_lm.config, **_cache_params(policy, params, model, tokenizer))
     writer = _Writer(model, tokenizer, cache)
     start = time.perf_counter()
-    hidden = _opening(writer, first_caption, first_features, with_inst=False, with_bos=True)
+    _opening(writer, first_caption, first_features, with_inst=False, with_bos=True)
     _record(run, cache, 0, start)
     for segment in range(1, segments):
         start = time.perf_counter()

@@ -9,7 +9,6 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from labkit.cli import main
-from labkit.stream_eval import stream_eval
 
 
 @pytest.fixture(scope="module")

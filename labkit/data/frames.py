@@ -12,7 +12,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image
 
 from .storystream_mini import open_split
 from .storyworld import CHARACTERS, SCENES, STYLES

@@ -9,9 +9,14 @@ Every stage writes an artifact folder (weights + manifest). A reference checkpoi
 
 from __future__ import annotations
 
+import json
+import shutil
 from pathlib import Path
 
+from ..training import Schedule
+
 from ..artifacts import MANIFEST
+from ..atomic import write_text
 
 
 def locate_artifact(name: str, preset: str) -> Path | None:
@@ -23,3 +28,38 @@ def locate_artifact(name: str, preset: str) -> Path | None:
         if (folder / MANIFEST).is_file():
             return folder
     return None
+
+
+def artifact_folders(preset: str, name: str, schedule: str, out: Path | str | None) -> tuple[Path, Path]:
+    """(artifact folder, training work folder). Work folders never go into checkpoints/, which is committed."""
+    from ..report import artifacts_folder, project_root
+
+    if out is not None:
+        out = Path(out)
+        return out, out.with_name(f".{out.name}.run")
+    default = project_root() / "checkpoints" / preset / name if schedule == "reference" else artifacts_folder(preset) / "quick" / name
+    return default, artifacts_folder(preset) / "runs" / f"{name}-{schedule}"
+
+
+def prepare_workdir(workdir: Path, run: dict, resume: bool) -> None:
+    """Resume only a run with the very same settings; anything else starts from scratch."""
+    stamp, text = workdir / "run.json", json.dumps(run, sort_keys=True, default=str)
+    if workdir.exists() and (not resume or not stamp.is_file() or stamp.read_text(encoding="utf-8") != text):
+        shutil.rmtree(workdir)
+    write_text(stamp, text)
+
+
+def base_manifest(preset: str, schedule: str, plan: Schedule, seed: int, data_root: Path, call: str) -> dict:
+    """The fields every stage's manifest starts with (what ran, on what, with which code and packages)."""
+    from dataclasses import asdict
+
+    from ..artifacts import command_line
+    from ..doctor import package_versions
+    from ..report import git_commit, project_root
+
+    data = data_root.resolve()
+    if project_root() in data.parents:  # a committed manifest names no machine's folders
+        data = data.relative_to(project_root())
+    return {"preset": preset, "schedule": schedule, "schedule_settings": asdict(plan), "seed": seed,
+            "git_commit": git_commit(), "packages": package_versions(), "command": call, "argv": command_line(),
+            "data": str(data)}

@@ -19,7 +19,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import shutil
 import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -28,19 +27,18 @@ from typing import Callable
 import torch
 from torch.nn import functional as F
 
-from ..artifacts import WEIGHTS, command_line
-from ..atomic import write_text
+from ..artifacts import WEIGHTS
 from ..contrastive import ImageTextPair, PairData, TextTower, TextTowerConfig, embed_images, embed_texts, load_pairs, retrieval
 from ..data.frames import SplitFrames, to_float
 from ..data.storystream_mini import load_tokenizer
 from ..data.text_tokenizer import StoryTokenizer
-from ..doctor import package_versions, weights_folder
+from ..doctor import weights_folder
 from ..errors import LabError, ParameterError
 from ..judges import TEXT_TOKENIZER, JudgeConfig, Judges, accuracy, augment, judge_hash, load_judges_artifact
 from ..presets import VisualTokenizerPreset, get_preset
 from ..training import Schedule, train
 from ..visual_tokenizer import VisualTokenizer, load_qwen_vit, load_visual_tokenizer
-from . import locate_artifact
+from . import artifact_folders, base_manifest, locate_artifact, prepare_workdir
 
 NAME, JUDGES = "visual_tokenizer", "judges"
 SEED = 0  # the tokenizer's; the judges use JudgeConfig.seed (1)
@@ -80,39 +78,9 @@ def _plan(table: dict[str, Schedule], schedule: str, steps: int | None) -> Sched
                    checkpoint_every=max(1, min(plan.checkpoint_every, steps)))
 
 
-def _folders(preset: str, name: str, schedule: str, out: Path | str | None) -> tuple[Path, Path]:
-    """(artifact folder, training work folder). Work folders never go into checkpoints/, which is committed."""
-    from ..report import artifacts_folder, project_root
-
-    if out is not None:
-        out = Path(out)
-        return out, out.with_name(f".{out.name}.run")
-    default = project_root() / "checkpoints" / preset / name if schedule == "reference" else artifacts_folder(preset) / "quick" / name
-    return default, artifacts_folder(preset) / "runs" / f"{name}-{schedule}"
-
-
-def _prepare_workdir(workdir: Path, run: dict, resume: bool) -> None:
-    """Resume only a run with the very same settings; anything else starts from scratch."""
-    stamp, text = workdir / "run.json", json.dumps(run, sort_keys=True, default=str)
-    if workdir.exists() and (not resume or not stamp.is_file() or stamp.read_text(encoding="utf-8") != text):
-        shutil.rmtree(workdir)
-    write_text(stamp, text)
-
-
 def _batch_generator(seed: int, step: int) -> torch.Generator:
     """The random numbers of step `step`: a pure function of (seed, step), so a resumed run sees the same batches."""
     return torch.Generator().manual_seed(seed * 1_000_003 + step)
-
-
-def _base_manifest(preset: str, schedule: str, plan: Schedule, seed: int, data_root: Path, call: str) -> dict:
-    from ..report import git_commit, project_root
-
-    data = data_root.resolve()
-    if project_root() in data.parents:  # a committed manifest names no machine's folders
-        data = data.relative_to(project_root())
-    return {"preset": preset, "schedule": schedule, "schedule_settings": asdict(plan), "seed": seed,
-            "git_commit": git_commit(), "packages": package_versions(), "command": call, "argv": command_line(),
-            "data": str(data)}
 
 
 def _load_or_train(name: str, preset: str, load: Callable[[Path], object], retrain: Callable[[], object]) -> object:
@@ -187,7 +155,7 @@ def train_stage0(preset: str = "tiny", schedule: str = "quick", data_root: Path 
                        f"(labkit.visual_tokenizer.load_qwen_vit('{weights_folder() / QWEN_WEIGHTS}'))")
     plan, stage = _plan(SCHEDULES, schedule, steps), Stage0Config()
     data_root = Path(data_root) if data_root else ensure_dataset(preset, progress)
-    out, workdir = _folders(preset, NAME, schedule, out)
+    out, workdir = artifact_folders(preset, NAME, schedule, out)
     text_tokenizer = load_tokenizer(data_root)
     train_data = load_pairs(data_root, "train", text_tokenizer, stage.text.max_length)
     val_data = load_pairs(data_root, "val", text_tokenizer, stage.text.max_length)
@@ -200,7 +168,7 @@ def train_stage0(preset: str = "tiny", schedule: str = "quick", data_root: Path 
         batch = train_data.batch(index[list(rows)], use_caption[list(rows)])
         return {**batch, "images": to_float(batch["images"])}
 
-    _prepare_workdir(workdir, {"stage": NAME, "preset": preset, "plan": asdict(plan), "stage0": asdict(stage), "seed": seed,
+    prepare_workdir(workdir, {"stage": NAME, "preset": preset, "plan": asdict(plan), "stage0": asdict(stage), "seed": seed,
                                "data": str(data_root.resolve())}, resume)
     result = train(model, make_batch, lambda m, b: m(b["images"], b["ids"], b["mask"], b["text_index"]), plan, workdir,
                    evaluate=lambda m: retrieval_metrics(m, val_data, "val"), resume=resume, progress=progress,
@@ -211,7 +179,7 @@ def train_stage0(preset: str = "tiny", schedule: str = "quick", data_root: Path 
     test_data = load_pairs(data_root, "test", text_tokenizer, stage.text.max_length)
     metrics = {**retrieval_metrics(model, val_data, "val"), **retrieval_metrics(model, test_data, "test"),
                **probe_metrics(model.image_encoder, train_data, val_data)}
-    manifest = {"name": NAME, **_base_manifest(preset, schedule, plan, seed, data_root,
+    manifest = {"name": NAME, **base_manifest(preset, schedule, plan, seed, data_root,
                                                f"train_stage0(preset={preset!r}, schedule={schedule!r}, steps={steps!r}, seed={seed})"),
                 "stage0": asdict(stage), "text_tower": asdict(model.text.config), "text_tokenizer": TEXT_TOKENIZER,
                 "wall_seconds": round(time.perf_counter() - start, 1), "train_seconds": round(result.seconds, 1),
@@ -318,7 +286,7 @@ def train_judges(preset: str = "tiny", schedule: str = "quick", data_root: Path 
     get_preset(preset)
     config, plan = judge_config(preset), _plan(JUDGE_SCHEDULES, schedule, steps)
     data_root = Path(data_root) if data_root else ensure_dataset(preset, progress)
-    out, workdir = _folders(preset, JUDGES, schedule, out)
+    out, workdir = artifact_folders(preset, JUDGES, schedule, out)
     text_tokenizer = load_tokenizer(data_root)
     train_data = load_pairs(data_root, "train", text_tokenizer, config.text.max_length)
     val_data = load_pairs(data_root, "val", text_tokenizer, config.text.max_length)
@@ -346,7 +314,7 @@ def train_judges(preset: str = "tiny", schedule: str = "quick", data_root: Path 
         scores = judge_metrics(model, val_data, "val")
         return {k: scores[k] for k in ("val_character_accuracy", "val_style_accuracy", "val_clip_top1")}
 
-    _prepare_workdir(workdir, {"stage": JUDGES, "preset": preset, "plan": asdict(plan), "config": asdict(config),
+    prepare_workdir(workdir, {"stage": JUDGES, "preset": preset, "plan": asdict(plan), "config": asdict(config),
                                "data": str(data_root.resolve())}, resume)
     result = train(judges, make_batch, loss_fn, plan, workdir, evaluate=evaluate, resume=resume, progress=progress,
                    desc=f"stage 0 judges ({schedule})", stop_after=stop_after)
@@ -356,7 +324,7 @@ def train_judges(preset: str = "tiny", schedule: str = "quick", data_root: Path 
     test_data = load_pairs(data_root, "test", text_tokenizer, config.text.max_length)
     metrics = {**judge_metrics(judges, val_data, "val"), **judge_metrics(judges, test_data, "test")}
     manifest = {"stage": JUDGES, "name": JUDGES, "config_hash": judge_hash(config), "config": asdict(config),
-                **_base_manifest(preset, schedule, plan, config.seed, data_root,
+                **base_manifest(preset, schedule, plan, config.seed, data_root,
                                  f"train_judges(preset={preset!r}, schedule={schedule!r}, steps={steps!r})"),
                 "text_tokenizer": TEXT_TOKENIZER, "wall_seconds": round(time.perf_counter() - start, 1),
                 "train_seconds": round(result.seconds, 1), "resumed_from_step": result.resumed_from, "metrics": metrics,

@@ -18,17 +18,17 @@ from pathlib import Path
 import torch
 
 from ..attention import sink_summary
-from ..artifacts import command_line, config_hash, load_artifact, read_manifest, save_artifact
+from ..artifacts import config_hash, load_artifact, read_manifest, save_artifact
 from ..data.layout import build_layout
 from ..data.sampler import SAMPLERS, make_sample
 from ..data.storystream_mini import load_tokenizer
 from ..data.frames import load_frames
 from ..data.text_tokenizer import StoryTokenizer
-from ..doctor import package_versions
 from ..errors import LabError, ParameterError
 from ..mllm import MLLMBatch, SeedStoryMLLM, collate
 from ..presets import Preset, get_preset
 from ..training import Schedule, train
+from . import artifact_folders, base_manifest, prepare_workdir
 
 NAME = "mllm"
 TOKENIZER = "tokenizer"  # the text tokenizer the MLLM was trained with travels inside its artifact
@@ -137,7 +137,7 @@ def train_stage2(preset: str = "tiny", schedule: str = "quick", data_root: Path 
                  steps: int | None = None, sampler: str = "random-length", resume: bool = True, progress: bool = True,
                  seed: int = SEED, stop_after: int | None = None) -> dict:
     """Train the MLLM on frozen visual-tokenizer features; write its artifact; return the manifest."""
-    from ..report import ensure_dataset, git_commit, project_root
+    from ..report import ensure_dataset
     from .stage0 import features_for_split
 
     config = get_preset(preset)
@@ -157,9 +157,9 @@ def train_stage2(preset: str = "tiny", schedule: str = "quick", data_root: Path 
     plan = SCHEDULES[schedule] if steps is None else Schedule(**{**asdict(SCHEDULES[schedule]), "steps": steps,
                                                                   "eval_every": max(1, steps), "checkpoint_every": max(1, min(50, steps))})
     data_root = Path(data_root) if data_root else ensure_dataset(preset, progress)
-    out = Path(out) if out else (project_root() / "checkpoints" / preset / NAME if schedule == "reference"
-                                 else project_root() / "artifacts" / preset / "quick" / NAME)
-    workdir = out.with_name(f".{out.name}.run")
+    out, workdir = artifact_folders(preset, NAME, schedule, out)
+    prepare_workdir(workdir, {"stage": NAME, "preset": preset, "plan": asdict(plan), "sampler": sampler, "seed": seed,
+                              "data": str(data_root)}, resume)
     start = time.perf_counter()
     tokenizer = load_tokenizer(data_root)
     chunk_length = config.data.chunk_length
@@ -175,13 +175,11 @@ def train_stage2(preset: str = "tiny", schedule: str = "quick", data_root: Path 
         return {"interrupted_at": stop_after}
     final = evaluate(model.eval(), batches, tokenizer)
     manifest = {
-        "stage": "stage2", "name": NAME, "preset": preset, "schedule": schedule, "sampler": sampler,
-        "config_hash": mllm_config_hash(config, tokenizer.vocab_size), "seed": seed, "git_commit": git_commit(),
-        "packages": package_versions(), "command": command_line(), "schedule_settings": asdict(plan),
+        "stage": "stage2", "name": NAME, **base_manifest(preset, schedule, plan, seed, data_root, retrain_command(preset, schedule)),
+        "sampler": sampler, "config_hash": mllm_config_hash(config, tokenizer.vocab_size),
         "wall_seconds": round(time.perf_counter() - start, 1), "train_seconds": round(result.seconds, 1),
-        "resumed_from_step": result.resumed_from, "data": str(data_root), "vocab_size": tokenizer.vocab_size,
-        "metrics": {"step0": initial, "final": final},
-        "history": _thin(result.history),
+        "resumed_from_step": result.resumed_from, "vocab_size": tokenizer.vocab_size,
+        "metrics": {"step0": initial, "final": final}, "history": _thin(result.history),
     }
     if result.is_main_process:
         save_artifact(out, model.state_dict(), manifest, half=schedule == "reference",
