@@ -33,13 +33,10 @@ def _story_batch(tokenizer: StoryTokenizer, preset, captions: list[list[str]], b
     return collate(layouts, features, tokenizer.pad_id)
 
 
-def _timed_steps(step: Callable[[], None], repeats: int) -> list[float]:
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        step()
-        times.append(time.perf_counter() - start)
-    return times
+def _seconds(step: Callable[[], None]) -> float:
+    start = time.perf_counter()
+    step()
+    return time.perf_counter() - start
 
 
 def stage2_step_ratio(preset_name: str = "tiny", batch_size: int = 12, repeats: int = 15, seed: int = 0,
@@ -79,8 +76,8 @@ def stage2_step_ratio(preset_name: str = "tiny", batch_size: int = 12, repeats: 
         warm()
     times = {"mllm": [], "plain": []}
     for _ in range(repeats):
-        times["mllm"] += _timed_steps(mllm_step, 1)
-        times["plain"] += _timed_steps(plain_step, 1)
+        times["mllm"].append(_seconds(mllm_step))
+        times["plain"].append(_seconds(plain_step))
     mllm_median, plain_median = statistics.median(times["mllm"]), statistics.median(times["plain"])
     return {
         "benchmark": "stage2-step", "preset": preset_name, "batch_size": batch_size, "tokens": batch.tokens,

@@ -85,6 +85,15 @@ class _Writer:
         q = self.model.num_queries
         return self.feed([t.boi_id, *t.image_token_ids[:q], t.eoi_id], ["boi", *["image"] * q, "eoi"], features.unsqueeze(0))
 
+    def reencode(self, texts: list[list[int]], features: list[torch.Tensor]) -> torch.Tensor:
+        """`<s>` + each segment's text ids (`[INST]` included after the first) and image, from scratch at
+        positions 0..L-1: the released code's context each segment. Returns the last hidden states."""
+        hidden = self.feed([self.tokenizer.bos_id], ["bos"])
+        for ids, image in zip(texts, features):
+            self.feed(ids, ["text"] * len(ids))
+            hidden = self.image_block(image)
+        return hidden
+
     def regress_next_image(self) -> torch.Tensor:
         """`<img>` + query slots as a look-ahead; the output resampler turns their hidden states into [N, D]."""
         t, q = self.tokenizer, self.model.num_queries
@@ -182,37 +191,35 @@ def _record(run: StoryRun, cache, segment: int, start: float) -> None:
                                  cache.rotation_positions()))
 
 
+def _text_ids(ids: list[int], types: list[str]) -> list[int]:
+    """The text part of one segment's tokens: everything before its `<img>`."""
+    return ids[: types.index("boi")]
+
+
 def _recompute_window(model: SeedStoryMLLM, tokenizer: StoryTokenizer, run: StoryRun, segments: int,
                       captions: list[str] | None, window: int, max_caption_tokens: int, exact: bool) -> None:
     """The released code's strategy: re-encode `<s>` + the last `window` segments from scratch each segment."""
-    story_ids, story_types, positions = [], [], []  # the whole story, for traces
     start = time.perf_counter()
     writer = _Writer(model, tokenizer, make_cache("dense", model.causal_lm.config))
     _opening(writer, run.captions[0], run.features[0], with_inst=False, with_bos=True)
-    story_ids, story_types = list(writer.ids), list(writer.types)
+    story_ids, story_types = list(writer.ids), list(writer.types)  # the whole story, for traces
+    texts = [_text_ids(story_ids[1:], story_types[1:])]  # each segment's text ids, `[INST]` included after the first
     spans = [(1, len(story_ids))]  # story positions of each segment's tokens (after <s>)
     run.steps.append(SegmentStep(0, time.perf_counter() - start, writer.cache.get_seq_length(), writer.cache.nbytes(), list(range(len(story_ids)))))
     for segment in range(1, segments):
         start = time.perf_counter()
-        kept = spans[-window:]
+        first = max(0, len(texts) - window)
         writer = _Writer(model, tokenizer, make_cache("dense", model.causal_lm.config))
-        positions = [0] + [p for a, b in kept for p in range(a, b)]
-        writer.feed([tokenizer.bos_id], ["bos"])
-        for index, (a, b) in enumerate(kept):
-            seg = len(spans) - len(kept) + index
-            ids, types = story_ids[a:b], story_types[a:b]
-            slots = [i for i, kind in enumerate(types) if kind == "image"]
-            text_end = slots[0] - 1  # up to <img>
-            writer.feed(ids[:text_end], types[:text_end])
-            writer.image_block(run.features[seg])
-        begin = len(story_ids)
+        writer.reencode(texts[first:], run.features[first:])
+        held = len(writer.ids)
         caption, features = writer.segment(captions[segment] if captions else None, max_caption_tokens, exact)
         run.captions.append(caption)
         run.features.append(features)
-        new = len(writer.ids) - (1 + sum(b - a for a, b in kept))
-        story_ids += writer.ids[-new:]
-        story_types += writer.types[-new:]
-        spans.append((begin, len(story_ids)))
-        positions += list(range(begin, len(story_ids)))
+        new_ids, new_types = writer.ids[held:], writer.types[held:]
+        texts.append(_text_ids(new_ids, new_types))
+        spans.append((len(story_ids), len(story_ids) + len(new_ids)))
+        story_ids += new_ids
+        story_types += new_types
+        positions = [0] + [p for a, b in spans[first:] for p in range(a, b)]
         run.steps.append(SegmentStep(segment, time.perf_counter() - start, writer.cache.get_seq_length(), writer.cache.nbytes(), positions))
     run.token_ids, run.token_types = story_ids, story_types

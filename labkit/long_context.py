@@ -76,11 +76,8 @@ def _score_recompute(model, tokenizer, captions, features, window, scores: Segme
     for segment in range(1, len(captions)):
         writer = _Writer(model, tokenizer, make_cache("dense", model.causal_lm.config))
         first = max(0, segment - window)
-        writer.feed([tokenizer.bos_id], ["bos"])
-        for kept in range(first, segment):
-            ids = ([tokenizer.inst_id] if kept > 0 else []) + tokenizer.encode(captions[kept])
-            writer.feed(ids, ["text"] * len(ids))
-            hidden = writer.image_block(features[kept])
+        texts = [([tokenizer.inst_id] if kept > 0 else []) + tokenizer.encode(captions[kept]) for kept in range(first, segment)]
+        hidden = writer.reencode(texts, list(features[first:segment]))
         nll, error = _score_segment(writer, tokenizer, captions[segment], features[segment], hidden)
         scores.nll.append(nll)
         scores.cosine_error.append(error)

@@ -124,10 +124,14 @@ def _index_html(markdown: str, summary: dict) -> str:
             f"<table border=1 cellpadding=4><tr><th>notebook</th><th>what it shows</th><th>seconds</th><th>executed</th><th>HTML</th></tr>{rows}</table>")
 
 
+def portable_path(path: Path | str) -> str:
+    """A path inside the checkout written relative to it, so committed records name no machine's folders."""
+    resolved = Path(path).resolve()
+    return str(resolved.relative_to(project_root())) if project_root() in resolved.parents else str(path)
+
+
 def _portable(parameters: dict) -> dict:
-    """Paths inside the checkout written relative to it, so a committed summary names no machine's folders."""
-    root = str(project_root()) + "/"
-    return {k: v.replace(root, "") if isinstance(v, str) else v for k, v in parameters.items()}
+    return {k: portable_path(v) if isinstance(v, str) and v.startswith("/") else v for k, v in parameters.items()}
 
 
 def run_report(preset: str = "tiny", out: Path | None = None, progress: bool = True) -> Path:

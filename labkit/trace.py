@@ -18,7 +18,7 @@ import torch
 
 from .atomic import write_text
 from .errors import ParameterError
-from .generate import IMAGE_POLICIES, STRATEGIES, generate_story
+from .generate import STRATEGIES, generate_story
 from .presets import get_preset
 
 # Tiny-preset defaults: a window about the length the tiny MLLM trained on (10 segments of ~30 tokens).
@@ -81,5 +81,3 @@ def trace_cache(policy: str, segments: int, model_path: str | Path | None = None
 def write_trace(trace: dict, out: Path | str) -> None:
     write_text(out, json.dumps(trace) + "\n")
 
-
-__all__ = ["DEFAULT_PARAMS", "IMAGE_POLICIES", "policy_params", "trace_cache", "write_trace"]

@@ -55,11 +55,8 @@ def base_manifest(preset: str, schedule: str, plan: Schedule, seed: int, data_ro
 
     from ..artifacts import command_line
     from ..doctor import package_versions
-    from ..report import git_commit, project_root
+    from ..report import git_commit, portable_path
 
-    data = data_root.resolve()
-    if project_root() in data.parents:  # a committed manifest names no machine's folders
-        data = data.relative_to(project_root())
     return {"preset": preset, "schedule": schedule, "schedule_settings": asdict(plan), "seed": seed,
             "git_commit": git_commit(), "packages": package_versions(), "command": call, "argv": command_line(),
-            "data": str(data)}
+            "data": portable_path(data_root)}
