@@ -107,12 +107,41 @@ def _train(args: argparse.Namespace) -> int:
             manifest = run(preset=args.preset, schedule=args.schedule, data_root=args.data, resume=args.resume,
                            progress=not args.quiet, steps=args.steps)
             print(f"stage 0 {name}: {json.dumps(manifest.get('metrics', {}))}")
+    elif args.stage == "stage1":
+        from .stages import artifact_folders
+        from .stages.stage1 import SCHEDULES, VAE, VAE_SCHEDULES, plan_for, train_stage1, train_vae
+
+        plan_for(SCHEDULES, args.schedule, args.steps)  # bad parameters are refused before any training
+        plan_for(VAE_SCHEDULES, args.schedule, args.vae_steps)
+        vae_folder = artifact_folders(args.preset, VAE, args.schedule, None)[0]
+        if not (vae_folder / "manifest.json").is_file():
+            manifest = train_vae(preset=args.preset, schedule=args.schedule, data_root=args.data, resume=args.resume,
+                                 progress=not args.quiet, steps=args.vae_steps)
+            print(f"stage 1a VAE: {json.dumps(manifest['metrics'])}")
+        manifest = train_stage1(preset=args.preset, schedule=args.schedule, data_root=args.data, out=args.out, steps=args.steps,
+                                resume=args.resume, progress=not args.quiet, vae_folder=vae_folder)
+        print(f"stage 1 de-tokenizer: {json.dumps(manifest['metrics'])}")
+    elif args.stage == "stage3":
+        from .stages.stage3 import train_stage3
+
+        manifest = train_stage3(preset=args.preset, schedule=args.schedule, mode=args.mode, data_root=args.data, out=args.out,
+                                steps=args.steps, resume=args.resume, progress=not args.quiet)
+        print(f"stage 3 ({args.mode}): {json.dumps(manifest['metrics'])}")
     else:
         from .stages.stage2 import train_stage2
 
         manifest = train_stage2(preset=args.preset, schedule=args.schedule, data_root=args.data, out=args.out, steps=args.steps,
                                 sampler=args.sampler, resume=args.resume, progress=not args.quiet)
         print(f"stage 2: {json.dumps(manifest['metrics'])}")
+    return 0
+
+
+def _detokenize(args: argparse.Namespace) -> int:
+    from .detokenize_cli import detokenize_file
+
+    out = detokenize_file(args.features, args.out, preset=args.preset, folder=args.detokenizer, steps=args.steps,
+                          guidance_scale=args.guidance, seed=args.seed, progress=not args.quiet)
+    print(f"wrote {out}")
     return 0
 
 
@@ -233,17 +262,33 @@ def build_parser() -> argparse.ArgumentParser:
     show.add_argument("--image-root")
     show.set_defaults(run=_data_show)
 
-    train = commands.add_parser("train", help="train a stage of SEED-Story (stage0: visual tokenizer + judges, stage2: MLLM)")
-    train.add_argument("stage", choices=("stage0", "stage2"))
+    train = commands.add_parser("train", help="train a stage of SEED-Story (stage0: visual tokenizer + judges, stage1: VAE + "
+                                "de-tokenizer, stage2: MLLM, stage3: de-tokenizer adaptation)")
+    train.add_argument("stage", choices=("stage0", "stage1", "stage2", "stage3"))
     train.add_argument("--preset", default="tiny")
     train.add_argument("--schedule", default="quick", help="quick (minutes, what the notebooks run) or reference (the committed checkpoints)")
     train.add_argument("--steps", type=int, help="override the schedule's number of steps")
     train.add_argument("--resume", action="store_true", help="continue from the run's last checkpoint")
     train.add_argument("--sampler", default="random-length", help="stage 2 samples: random-length (official) or all-segments")
     train.add_argument("--data", help="data set folder (default: the preset's, made when missing)")
-    train.add_argument("--out", help="stage 2 artifact folder (default: checkpoints/<preset>/mllm for reference, else artifacts/)")
+    train.add_argument("--out", help="artifact folder of stages 1-3 (default: checkpoints/<preset>/<name> for reference, else artifacts/)")
+    train.add_argument("--mode", default="official", choices=("official", "full"),
+                       help="stage 3: official (resampler + UNet to_k/to_v, as released) or full (all of it, as the paper says)")
+    train.add_argument("--vae-steps", type=int, help="stage 1: override the VAE schedule's number of steps")
     train.add_argument("--quiet", action="store_true")
     train.set_defaults(run=_train)
+
+    detok = commands.add_parser("detokenize", help="features (.pt / .safetensors, [N, D] or [B, N, D]) -> a PNG, through a de-tokenizer")
+    detok.add_argument("--features", required=True)
+    detok.add_argument("--out", required=True, help="PNG to write (several images side by side)")
+    detok.add_argument("--preset", default="tiny")
+    detok.add_argument("--detokenizer", help="de-tokenizer folder (default: the stage-3 official one, else stage 1; "
+                       "paper: SDXL base + the released adapted de-tokenizer from the weights folder)")
+    detok.add_argument("--steps", type=int, default=10, help="Euler steps")
+    detok.add_argument("--guidance", type=float, default=3.0, help="classifier-free guidance scale (blank-frame negative)")
+    detok.add_argument("--seed", type=int, default=42)
+    detok.add_argument("--quiet", action="store_true")
+    detok.set_defaults(run=_detokenize)
 
     info = commands.add_parser("info", help="parameter counts per component (built on the meta device: no weights needed)")
     info.add_argument("--preset", default="tiny")

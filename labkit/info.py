@@ -1,7 +1,8 @@
 """`labkit info`: parameter counts per component, built on the `meta` device (no weights, no memory).
 
 For `paper` this is the published architecture: Llama-2-7B (6.74 B) with the vocabulary resized to 32066,
-LoRA r=16 on the seven projections, the two Qwen-VL resamplers, and Qwen-VL's ViT-bigG visual tokenizer.
+LoRA r=16 on the seven projections, the two Qwen-VL resamplers, Qwen-VL's ViT-bigG visual tokenizer, and the
+de-tokenizer: `ResamplerXLV2` + SDXL base's UNet (2.57 B) and VAE.
 """
 
 from __future__ import annotations
@@ -24,7 +25,12 @@ def nominal_vocab_size(preset_name: str) -> int:
     return 256 + 7 + preset.data.image_tokens + preset.data.bpe_merges
 
 
+def image_features(preset) -> tuple[int, int]:
+    return preset.visual_tokenizer.num_features, preset.visual_tokenizer.feature_dim
+
+
 def model_info(preset_name: str) -> dict:
+    from .detokenizer import Detokenizer, parameter_counts as detokenizer_counts
     from .visual_tokenizer import VisualTokenizer
 
     preset = get_preset(preset_name)
@@ -32,9 +38,11 @@ def model_info(preset_name: str) -> dict:
     with torch.device("meta"):
         mllm = SeedStoryMLLM(preset, vocab)
         tokenizer = VisualTokenizer(preset.visual_tokenizer)
+        detokenizer = Detokenizer(preset.detokenizer, *image_features(preset), preset=preset.name)
     counts = parameter_counts(mllm)
     vit = sum(p.numel() for p in tokenizer.parameters())
     counts["visual_tokenizer"] = {"total": vit, "trainable": 0 if preset.name == "paper" else vit}
+    counts.update(detokenizer_counts(detokenizer))  # trainable: what stage 1 trains (resampler + UNet)
     return {
         "preset": preset.name,
         "vocab_size": vocab,
@@ -42,6 +50,8 @@ def model_info(preset_name: str) -> dict:
         "features": [preset.visual_tokenizer.num_features, preset.visual_tokenizer.feature_dim],
         "lora": None if preset.mllm.lora is None else {"r": preset.mllm.lora.r, "alpha": preset.mllm.lora.alpha,
                                                        "dropout": preset.mllm.lora.dropout, "targets": list(preset.mllm.lora.targets)},
+        "detokenizer": {"image_size": preset.detokenizer.image_size, "conditioning_tokens": preset.detokenizer.resampler_queries,
+                        "cross_attention_dim": sum(preset.detokenizer.cross_widths)},
         "parameters": counts,
     }
 
@@ -49,7 +59,7 @@ def model_info(preset_name: str) -> dict:
 def format_info(info: dict) -> str:
     lines = [f"preset {info['preset']}: vocabulary {info['vocab_size']}, {info['image_slots']} image slots, "
              f"features {info['features'][0]}x{info['features'][1]}", "",
-             f"{'component':<18} {'total':>15} {'trainable':>15}"]
+             f"{'component':<22} {'total':>15} {'trainable':>15}"]
     for name, count in info["parameters"].items():
-        lines.append(f"{name:<18} {count['total']:>15,} {count['trainable']:>15,}")
+        lines.append(f"{name:<22} {count['total']:>15,} {count['trainable']:>15,}")
     return "\n".join(lines)

@@ -1,5 +1,8 @@
 """Loading the released SEED-Story weights from a local folder (the `paper` preset). Nothing downloads.
 
+The released de-tokenizers (`SDXLAdapter` state dicts: `resampler.*` with the official `ResamplerXLV2` names,
+which ours keeps, and `unet.*`) load onto SDXL base with `load_official_detokenizer`.
+
 The released agent checkpoint (`pretrained/seed_story/george_sft/pytorch_model.bin`) is the state dict of the
 official `ContinuousLVLM`: `llm.*` (a peft-wrapped Llama-2-7B), `input_resampler.*` and `output_resampler.*`.
 It was written with peft 0.4.0, whose LoRA layers keep the frozen weight at `q_proj.weight`; current peft
@@ -21,7 +24,14 @@ PAPER_FILES = {
     "llama": ("Llama-2-7b-hf/config.json", "Llama-2-7b-hf/tokenizer.model"),
     "agent": ("seed_story/george_sft/pytorch_model.bin",),
     "visual_tokenizer": ("visual_tokenizer/qwen_vit_G.pt",),
+    # SDXL base 1.0 as the Hugging Face repo lays it out, and the released de-tokenizers
+    # (configs/detokenizer/detokenizer_sdxl_qwen_vit_{pretrained,adapted}.yaml)
+    "sdxl": ("stable-diffusion-xl-base-1.0/unet/config.json", "stable-diffusion-xl-base-1.0/vae/config.json",
+             "stable-diffusion-xl-base-1.0/scheduler/scheduler_config.json"),
+    "detokenizer_pretrained": ("detokenizer/detokenizer_pretrained/checkpoint-55000/pytorch_model.bin",),
+    "detokenizer_adapted": ("detokenizer/detokenizer_george_adapted/checkpoint-4000/pytorch_model.bin",),
 }
+SDXL = "stable-diffusion-xl-base-1.0"
 _LORA_TARGET = re.compile(r"\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)\.(weight|bias)$")
 _UNUSED = ("input_resampler.pos_embed", "output_resampler.pos_embed")  # fixed sin-cos tables we rebuild
 
@@ -64,14 +74,50 @@ def load_official_agent(model: torch.nn.Module, path: Path | str) -> dict[str, l
     path = Path(path)
     if not path.is_file():
         raise LabError(f"{path}: released agent checkpoint not found")
-    if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
-        state = load_file(str(path))
-    else:
-        state = torch.load(path, map_location="cpu", weights_only=True)
+    state = _read_state(path)
     ours = model.state_dict()
     mapped, unplaced = map_official_keys(state, set(ours))
     missing = sorted(set(ours) - set(mapped))
     model.load_state_dict(mapped, strict=False)
     return {"missing": missing, "unexpected": unplaced}
+
+
+def _read_state(path: Path) -> dict[str, torch.Tensor]:
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        return load_file(str(path))
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def load_official_detokenizer(folder: Path | str, which: str = "adapted", dtype: torch.dtype = torch.bfloat16):
+    """SDXL base (unet/, vae/, scheduler/ from `<folder>/stable-diffusion-xl-base-1.0`) + a released de-tokenizer
+    (`pretrained` = stage 1, `adapted` = stage 3 on George). Every missing file is listed before any loading.
+
+    Returns (detokenizer, report) where report lists the released keys we could not place and ours left unset.
+    The guidance negative (ViT features of a blank 448 px image) is left for the caller to set from Qwen-VL's ViT.
+    """
+    from diffusers import AutoencoderKL, EulerDiscreteScheduler, UNet2DConditionModel
+
+    from .detokenizer import Detokenizer
+    from .presets import get_preset
+
+    if which not in ("pretrained", "adapted"):
+        raise LabError(f"which: 'pretrained' or 'adapted' (got {which!r})")
+    folder = Path(folder)
+    found = require_paper_weights(folder, ("sdxl", f"detokenizer_{which}"))
+    sdxl = folder / SDXL
+    unet = UNet2DConditionModel.from_pretrained(sdxl / "unet", torch_dtype=dtype)
+    vae = AutoencoderKL.from_pretrained(sdxl / "vae", torch_dtype=dtype)
+    preset = get_preset("paper")
+    model = Detokenizer(preset.detokenizer, preset.visual_tokenizer.num_features, preset.visual_tokenizer.feature_dim,
+                        preset="paper", unet=unet, vae=vae)
+    model.sample_scheduler = EulerDiscreteScheduler.from_pretrained(sdxl / "scheduler")
+    model.resampler.to(dtype)
+    state = _read_state(found[PAPER_FILES[f"detokenizer_{which}"][0]])
+    ours = model.state_dict()
+    mapped = {k: v for k, v in state.items() if k in ours and k.startswith(("resampler.", "unet."))}
+    model.load_state_dict(mapped, strict=False)
+    missing = sorted(k for k in ours if k.startswith("resampler.") and k not in mapped)
+    return model.eval(), {"unexpected": sorted(set(state) - set(mapped)), "missing_resampler": missing,
+                          "unet_keys_loaded": sum(k.startswith("unet.") for k in mapped)}

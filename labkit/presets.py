@@ -71,11 +71,40 @@ class MLLMPreset:
 
 
 @dataclass(frozen=True)
+class DetokenizerPreset:
+    """SDXL-architecture de-tokenizer (paper: SDXL base + the official `ResamplerXLV2`), sized by preset.
+
+    The UNet fields are `diffusers.UNet2DConditionModel` arguments; `attention_heads` is what diffusers calls
+    `attention_head_dim` (a legacy name: it is the number of heads). `cross_widths` are SDXL's two text-encoder
+    widths (CLIP-L 768 + OpenCLIP-bigG 1280) that the resampler imitates; the pooled vector has the second width.
+    The resampler's attention pool uses `resampler_heads`, as the official `ResamplerXLV2`.
+    """
+
+    image_size: int
+    vae_channels: tuple[int, ...]
+    vae_layers: int
+    latent_channels: int
+    unet_channels: tuple[int, ...]
+    unet_layers: int
+    transformer_layers: tuple[int, ...]
+    attention_heads: tuple[int, ...]
+    norm_groups: int
+    cross_widths: tuple[int, int]
+    time_embed_dim: int  # SDXL's addition_time_embed_dim
+    resampler_dim: int
+    resampler_depth: int
+    resampler_heads: int
+    resampler_head_dim: int
+    resampler_queries: int  # conditioning tokens the UNet cross-attends to (paper: 64)
+
+
+@dataclass(frozen=True)
 class Preset:
     name: str
     data: DataPreset
     visual_tokenizer: VisualTokenizerPreset
     mllm: MLLMPreset
+    detokenizer: DetokenizerPreset
 
 
 PAPER_LORA = LoraPreset(r=16, alpha=32, dropout=0.05)  # configs/clm_models/llama2chat7b_lora.yaml (paper text says r=6)
@@ -90,6 +119,13 @@ PRESETS: dict[str, Preset] = {
         MLLMPreset(LLMPreset(hidden_size=160, layers=6, heads=5, kv_heads=5, intermediate_size=432,
                              max_positions=8192, base_vocab=0),
                    num_queries=16, resampler_heads=5, output_heads=4, lora=None),
+        # DESIGN §9: a latent design (VAE 4x down to 16x16x4, UNet (32, 64, 64) with attention on the two lower
+        # levels) learns where pixel-space diffusion does not in CPU minutes
+        DetokenizerPreset(image_size=64, vae_channels=(32, 64, 64), vae_layers=1, latent_channels=4,
+                          unet_channels=(32, 64, 64), unet_layers=1, transformer_layers=(1, 1, 1),
+                          attention_heads=(2, 4, 4), norm_groups=8, cross_widths=(32, 64), time_embed_dim=16,
+                          resampler_dim=64, resampler_depth=2, resampler_heads=4, resampler_head_dim=16,
+                          resampler_queries=16),
     ),
     "small": Preset(
         "small",
@@ -100,6 +136,11 @@ PRESETS: dict[str, Preset] = {
         MLLMPreset(LLMPreset(hidden_size=768, layers=12, heads=12, kv_heads=12, intermediate_size=2048,
                              max_positions=4096, base_vocab=0),
                    num_queries=36, resampler_heads=12, output_heads=8, lora=None),
+        DetokenizerPreset(image_size=128, vae_channels=(64, 128, 256, 256), vae_layers=2, latent_channels=4,
+                          unet_channels=(128, 256, 512), unet_layers=2, transformer_layers=(1, 1, 2),
+                          attention_heads=(2, 4, 8), norm_groups=32, cross_widths=(256, 512), time_embed_dim=128,
+                          resampler_dim=512, resampler_depth=4, resampler_heads=8, resampler_head_dim=64,
+                          resampler_queries=64),
     ),
     "paper": Preset(
         "paper",
@@ -112,6 +153,13 @@ PRESETS: dict[str, Preset] = {
         MLLMPreset(LLMPreset(hidden_size=4096, layers=32, heads=32, kv_heads=32, intermediate_size=11008,
                              max_positions=4096, base_vocab=32000),
                    num_queries=64, resampler_heads=32, output_heads=32, lora=PAPER_LORA),
+        # SDXL base 1.0 (unet/config.json, vae/config.json) + ResamplerXLV2(dim 1024, depth 4, dim_head 64,
+        # heads 16, num_queries 64, output 768 + 1280) from configs/detokenizer/detokenizer_sdxl_qwen_vit_*.yaml
+        DetokenizerPreset(image_size=1024, vae_channels=(128, 256, 512, 512), vae_layers=2, latent_channels=4,
+                          unet_channels=(320, 640, 1280), unet_layers=2, transformer_layers=(1, 2, 10),
+                          attention_heads=(5, 10, 20), norm_groups=32, cross_widths=(768, 1280), time_embed_dim=256,
+                          resampler_dim=1024, resampler_depth=4, resampler_heads=16, resampler_head_dim=64,
+                          resampler_queries=64),
     ),
 }
 

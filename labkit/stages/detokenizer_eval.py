@@ -1,0 +1,49 @@
+"""How good are a de-tokenizer's images? Judge-measured identity and style, an FID-analogue, LPIPS.
+
+Shared by stage 1 (images from true features), stage 3 (images from the MLLM's regressed features) and the
+notebooks, so that every number in a table was computed the same way.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from ..data.frames import load_frames
+from ..judges import Judges, accuracy, frechet_distance
+
+
+@dataclass
+class EvalFrames:
+    """A fixed subset of a split's frames (every `stride`-th frame of every story) with their labels."""
+
+    images: torch.Tensor  # uint8 [M, 3, H, W]
+    protagonist: torch.Tensor  # [M]
+    style: torch.Tensor  # [M]
+    features: torch.Tensor | None = None  # [M, N, D] true visual-tokenizer features, when given
+
+    @classmethod
+    def from_split(cls, data_root: Path | str, split: str, features: torch.Tensor | None = None, stride: int = 4) -> "EvalFrames":
+        frames = load_frames(data_root, split)
+        pick = slice(0, None, stride)
+        return cls(frames.images[:, pick].flatten(0, 1), frames.protagonist[:, pick].flatten(), frames.style[:, pick].flatten(),
+                   None if features is None else features[:, pick].flatten(0, 1))
+
+
+def image_metrics(images: torch.Tensor, truth: EvalFrames, judges: Judges, lpips: bool = True,
+                  real: torch.Tensor | None = None) -> dict[str, float]:
+    """Character and style accuracy (judges vs ground truth), FID-analogue against the real frames, and
+    LPIPS to the originals (`lpips=True`; it names the AlexNet backbone it used)."""
+    real = truth.images if real is None else real
+    metrics = {"character_accuracy": accuracy(judges.predict_character(images), truth.protagonist),
+               "style_accuracy": accuracy(judges.predict_style(images), truth.style),
+               "fid_analogue": frechet_distance(judges.fid_features(images), judges.fid_features(real))}
+    if lpips and len(images) == len(truth.images):
+        from ..lpips_metric import get_metric
+
+        metric = get_metric()
+        metrics["lpips_to_original"] = float(metric(images, truth.images).mean())
+        metrics["lpips_backbone"] = metric.backbone
+    return metrics
