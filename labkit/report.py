@@ -71,11 +71,15 @@ def planned_runs(preset: str, progress: bool) -> list[NotebookRun]:
         NotebookRun("01_storystream_data.ipynb", {"data_dir": data, "preset": preset}, "The StoryStream data and the story world"),
         NotebookRun("02_visual_tokenizer.ipynb", {"data_dir": data, "preset": preset, "train_live": False},
                     "Stage 0: the visual tokenizer and the judges (reference checkpoints)"),
+        NotebookRun("03_stage1_detokenizer.ipynb", {"data_dir": data, "preset": preset, "train_live": False},
+                    "Stage 1: the VAE and the de-tokenizer (reference checkpoints): reconstructions from features"),
         NotebookRun("04_stage2_mllm.ipynb", {"data_dir": data, "preset": preset, "train_live": False},
                     "Stage 2: the MLLM (reference checkpoint): losses, captions, regressed features"),
         NotebookRun("05_attention_sinks.ipynb", {"preset": preset, "trace_segments": 25, "long_context_stories": 4,
                                                  "stress_stories": 2},
                     "KV-cache policies, the RoPE clock, long-context curves (30 and 100 segments), attention sinks"),
+        NotebookRun("06_stage3_adaptation.ipynb", {"data_dir": data, "preset": preset, "train_live": False},
+                    "Stage 3: adapting the de-tokenizer to regressed features, official vs full (the paper's Table 4)"),
     ]
 
 

@@ -101,3 +101,41 @@ def plot_layout(token_types: Sequence[str], labels_on: Sequence[bool], slots_in:
     axis.legend(handles=handles, fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)
     figure.tight_layout()
     return figure
+
+
+def plot_image_rows(rows: dict, captions: dict | None = None, ok: dict | None = None, title: str = "", size: float = 1.25):
+    """Rows of images (a dict: row label -> uint8 [K, 3, H, W]) as one figure, the label left of each row.
+
+    `captions[label][k]` is written under image k of that row, green or red when `ok[label][k]` is given (e.g.
+    whether a judge agrees with the ground truth)."""
+    import matplotlib.pyplot as plt
+
+    columns = max(len(images) for images in rows.values())
+    figure, axes = plt.subplots(len(rows), columns, figsize=(columns * size + 1.2, len(rows) * (size + (0.35 if captions else 0.1))),
+                                squeeze=False)
+    for r, (label, images) in enumerate(rows.items()):
+        for k, axis in enumerate(axes[r]):
+            axis.set_xticks([]); axis.set_yticks([])
+            for spine in axis.spines.values():
+                spine.set_visible(False)
+            if k < len(images):
+                axis.imshow(images[k].permute(1, 2, 0).cpu().numpy())
+                if captions and label in captions:
+                    good = None if not ok or label not in ok else bool(ok[label][k])
+                    axis.set_xlabel(captions[label][k], fontsize=6.5, labelpad=2,
+                                    color="#222" if good is None else ("#2a7d2a" if good else "#c0392b"))
+        axes[r][0].set_ylabel(label, rotation=0, ha="right", va="center", fontsize=8)
+    if title:
+        figure.suptitle(title, fontsize=10)
+    figure.tight_layout()
+    return figure
+
+
+def judge_captions(judges, images, protagonist, style) -> tuple[list[str], list[bool]]:
+    """Captions for `plot_image_rows`: what the judges see in each image (character, style), and whether both
+    match the ground truth labels."""
+    from .data.frames import CHARACTER_NAMES, STYLE_NAMES
+
+    character, drawn = judges.predict_character(images), judges.predict_style(images)
+    captions = [f"{CHARACTER_NAMES[c]}\n{STYLE_NAMES[s]}" for c, s in zip(character.tolist(), drawn.tolist())]
+    return captions, ((character == protagonist) & (drawn == style)).tolist()

@@ -18,7 +18,6 @@ from pathlib import Path
 
 import torch
 from diffusers import AutoencoderKL
-from torch.nn import functional as F
 
 from ..artifacts import MANIFEST, config_hash, read_manifest
 from ..atomic import build_directory, write_text
@@ -33,15 +32,16 @@ from .detokenizer_eval import EvalFrames, image_metrics
 VAE, NAME = "vae", "detokenizer"
 SEED = 3
 DROPOUT = 0.1  # share of rows conditioned on the blank frame (the guidance negative)
-VAE_SCHEDULES = {
-    "quick": Schedule(steps=100, batch_size=32, lr=1e-3, warmup=10, weight_decay=0.0, checkpoint_every=50, eval_every=100),
-    "reference": Schedule(steps=400, batch_size=32, lr=1e-3, warmup=20, weight_decay=0.0, checkpoint_every=50, eval_every=100),
+VAE_SCHEDULES = {  # measured: MSE alone, 400 steps x 32 -> 44% identity on reconstructions; L1 + LPIPS, 300 x 16 -> 60%
+    "quick": Schedule(steps=150, batch_size=16, lr=2e-3, warmup=20, weight_decay=0.0, checkpoint_every=50, eval_every=150),
+    "reference": Schedule(steps=900, batch_size=16, lr=2e-3, warmup=20, weight_decay=0.0, checkpoint_every=100, eval_every=300),
 }
 SCHEDULES = {
     "quick": Schedule(steps=400, batch_size=32, lr=1e-3, warmup=20, weight_decay=0.01, checkpoint_every=100, eval_every=200),
     "reference": Schedule(steps=6000, batch_size=32, lr=1e-3, warmup=100, weight_decay=0.01, checkpoint_every=250, eval_every=500),
 }
 KL_WEIGHT = 1e-6  # Stable Diffusion's VAE: a whisper of KL keeps the latent space smooth without blurring
+PERCEPTUAL_WEIGHT = 1.0  # SD's VAE loss: L1 + LPIPS (+ KL, + a GAN term we leave out); LPIPS keeps shapes sharp
 
 
 def plan_for(table: dict[str, Schedule], schedule: str, steps: int | None) -> Schedule:
@@ -103,11 +103,16 @@ def train_vae(preset: str = "tiny", schedule: str = "quick", data_root: Path | s
         index = torch.randint(len(frames), (plan.batch_size,), generator=step_generator(SEED, step))
         return to_float(frames[index[list(rows)]])
 
+    from ..lpips_metric import get_metric
+
+    lpips = get_metric()  # frozen; gradients flow through it to the reconstruction
+
     def loss_fn(model: AutoencoderKL, images: torch.Tensor) -> tuple[torch.Tensor, dict]:
         posterior = model.encode(images).latent_dist
         reconstruction = model.decode(posterior.sample()).sample
-        mse, kl = F.mse_loss(reconstruction, images), posterior.kl().mean()
-        return mse + KL_WEIGHT * kl, {"mse": mse.detach(), "kl": kl.detach()}
+        l1, kl = (reconstruction - images).abs().mean(), posterior.kl().mean()
+        perceptual = lpips.model(reconstruction, images, normalize=False).mean()
+        return l1 + PERCEPTUAL_WEIGHT * perceptual + KL_WEIGHT * kl, {"l1": l1.detach(), "lpips": perceptual.detach(), "kl": kl.detach()}
 
     def evaluate(model: AutoencoderKL) -> dict:
         return image_metrics(reconstruct(model, evaluation.images), evaluation, judges, lpips=False)
@@ -125,6 +130,7 @@ def train_vae(preset: str = "tiny", schedule: str = "quick", data_root: Path | s
                "test_originals": image_metrics(test.images, test, judges, lpips=False)}
     manifest = {"stage": VAE, "name": VAE, "config_hash": vae_hash(preset), "config": vae_config(get_preset(preset).detokenizer),
                 **base_manifest(preset, schedule, plan, SEED, data_root, f"labkit train stage1 --preset {preset} --schedule {schedule}"),
+                "loss": f"L1 + {PERCEPTUAL_WEIGHT} LPIPS ({lpips.backbone}) + {KL_WEIGHT} KL",
                 "scaling_factor": vae.config.scaling_factor, "wall_seconds": round(time.perf_counter() - start, 1),
                 "train_seconds": round(result.seconds, 1), "resumed_from_step": result.resumed_from,
                 "metrics": metrics, "history": thin(result.history)}
