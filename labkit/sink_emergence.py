@@ -90,12 +90,14 @@ class StreamData:
         return torch.tensor([self.sequence(random.Random(f"{self.config.seed}/{self.setting}/{step}/{row}")) for row in range(rows)])
 
 
-def bos_ratios(model: LlamaForCausalLM, batch: torch.Tensor, skip: int = 8) -> list[float]:
-    """Per layer (head mean): attention on position 0 divided by the uniform share 1/(t+1), queries t >= skip."""
+def bos_ratios(model: LlamaForCausalLM, batch: torch.Tensor, skip: int = 8) -> tuple[list[float], list[float]]:
+    """Attention on position 0 divided by the uniform share 1/(t+1), queries t >= skip: per layer, the mean over
+    heads and the strongest head (a sink is often one dormant head, which the mean dilutes)."""
     maps = attention_maps_plain(model, batch)
     positions = torch.arange(batch.shape[1], dtype=torch.float)
     uniform = (1 / (positions[skip:] + 1)).mean()
-    return [float(weights[..., skip:, 0].mean() / uniform) for weights in maps]
+    per_head = [weights[..., skip:, 0].mean(dim=(0, 2)) / uniform for weights in maps]  # [heads] per layer
+    return [float(h.mean()) for h in per_head], [float(h.max()) for h in per_head]
 
 
 def run_setting(setting: str, tokenizer: StoryTokenizer, captions: list[list[str]], config: EmergenceConfig,
@@ -109,7 +111,8 @@ def run_setting(setting: str, tokenizer: StoryTokenizer, captions: list[list[str
     model.config.pad_token_id = tokenizer.pad_id
     optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
     probe = data.batch(-1, 4)
-    curve = {"step": [0], "bos_ratio": [bos_ratios(model, probe)], "loss": []}
+    mean, strongest = bos_ratios(model, probe)
+    curve = {"step": [0], "bos_ratio": [mean], "bos_ratio_max_head": [strongest], "loss": []}
     start = time.perf_counter()
     for step in tqdm(range(1, config.steps + 1), desc=setting, disable=not progress):
         model.train()
@@ -122,7 +125,9 @@ def run_setting(setting: str, tokenizer: StoryTokenizer, captions: list[list[str
         curve["loss"].append(loss.item())
         if step % config.every == 0 or step == config.steps:
             curve["step"].append(step)
-            curve["bos_ratio"].append(bos_ratios(model.eval(), probe))
+            mean, strongest = bos_ratios(model.eval(), probe)
+            curve["bos_ratio"].append(mean)
+            curve["bos_ratio_max_head"].append(strongest)
     curve["seconds"] = time.perf_counter() - start
     return {"setting": setting, "curve": curve, "model": model.eval(), "data": data}
 
@@ -163,7 +168,9 @@ def run_study(config: EmergenceConfig, data_root=None, settings: tuple[str, ...]
         curve = run["curve"]
         results["settings"][setting] = {
             "steps": curve["step"], "bos_ratio": curve["bos_ratio"], "loss": curve["loss"][:: max(1, len(curve["loss"]) // 100)],
-            "max_bos_ratio": max(max(r) for r in curve["bos_ratio"]), "seconds": round(curve["seconds"], 1),
+            "bos_ratio_max_head": curve["bos_ratio_max_head"],
+            "max_bos_ratio": max(max(r) for r in curve["bos_ratio"]),
+            "max_bos_ratio_head": max(max(r) for r in curve["bos_ratio_max_head"]), "seconds": round(curve["seconds"], 1),
             "window_vs_sink_nll": window_vs_sink(run["model"], run["data"]),
         }
     return results

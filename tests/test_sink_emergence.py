@@ -1,0 +1,32 @@
+"""The sink-emergence study's data and measurement (labkit.sink_emergence)."""
+
+from __future__ import annotations
+
+import random
+
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from labkit.data.storystream_mini import load_tokenizer
+from labkit.report import project_root
+from labkit.sink_emergence import EmergenceConfig, StreamData, bos_ratios
+
+SAMPLE = project_root() / "data_samples" / "storystream-mini"
+
+
+def test_backcopy_copies_the_token_before_each_trigger():
+    tokenizer = load_tokenizer(SAMPLE)
+    data = StreamData("backcopy", tokenizer, [["Mira walks."]], EmergenceConfig(length=128))
+    ids = data.sequence(random.Random(0))
+    assert ids[0] == tokenizer.bos_id and len(ids) == 128
+    triggers = [i for i, t in enumerate(ids[:-1]) if t in data.triggers]
+    assert triggers and all(ids[i + 1] == ids[i - 1] for i in triggers)
+
+
+def test_bos_ratios_per_layer_mean_and_strongest_head():
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=50, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                                         num_key_value_heads=4, intermediate_size=64)).eval()
+    mean, strongest = bos_ratios(model, torch.randint(0, 50, (2, 40)))
+    assert len(mean) == len(strongest) == 2
+    assert all(s >= m > 0 for m, s in zip(mean, strongest))
