@@ -133,7 +133,7 @@ def test_missing_paper_weights_are_all_listed(tmp_path):
     message = str(raised.value)
     for missing in ("Llama-2-7b-hf/tokenizer.model", "seed_story/george_sft/pytorch_model.bin", "visual_tokenizer/qwen_vit_G.pt"):
         assert str(tmp_path / missing) in message
-    assert "config.json" not in message
+    assert str(tmp_path / "Llama-2-7b-hf/config.json") not in message  # present, so not listed
     with pytest.raises(LabError, match="not found"):
         load_official_agent(SeedStoryMLLM(micro_preset(), 100), tmp_path / "nope.bin")
 
