@@ -49,6 +49,13 @@ def prepare_workdir(workdir: Path, run: dict, resume: bool) -> None:
     write_text(stamp, text)
 
 
+def step_generator(seed: int, step: int) -> "torch.Generator":
+    """The random numbers of step `step`: a pure function of (seed, step), so a resumed run sees the same batches."""
+    import torch
+
+    return torch.Generator().manual_seed(seed * 1_000_003 + step)
+
+
 def base_manifest(preset: str, schedule: str, plan: Schedule, seed: int, data_root: Path, call: str) -> dict:
     """The fields every stage's manifest starts with (what ran, on what, with which code and packages)."""
     from dataclasses import asdict

@@ -38,7 +38,7 @@ from ..judges import TEXT_TOKENIZER, JudgeConfig, Judges, accuracy, augment, jud
 from ..presets import VisualTokenizerPreset, get_preset
 from ..training import Schedule, train
 from ..visual_tokenizer import VisualTokenizer, load_qwen_vit, load_visual_tokenizer
-from . import artifact_folders, base_manifest, locate_artifact, prepare_workdir
+from . import artifact_folders, base_manifest, locate_artifact, prepare_workdir, step_generator
 
 NAME, JUDGES = "visual_tokenizer", "judges"
 SEED = 0  # the tokenizer's; the judges use JudgeConfig.seed (1)
@@ -76,11 +76,6 @@ def _plan(table: dict[str, Schedule], schedule: str, steps: int | None) -> Sched
         raise ParameterError("steps", f"must be an int >= 1 (got {steps!r})")
     return replace(plan, steps=steps, warmup=min(plan.warmup, max(1, steps // 10)), eval_every=steps,
                    checkpoint_every=max(1, min(plan.checkpoint_every, steps)))
-
-
-def _batch_generator(seed: int, step: int) -> torch.Generator:
-    """The random numbers of step `step`: a pure function of (seed, step), so a resumed run sees the same batches."""
-    return torch.Generator().manual_seed(seed * 1_000_003 + step)
 
 
 def _load_or_train(name: str, preset: str, load: Callable[[Path], object], retrain: Callable[[], object]) -> object:
@@ -162,7 +157,7 @@ def train_stage0(preset: str = "tiny", schedule: str = "quick", data_root: Path 
     model = build_pair(config.visual_tokenizer, stage, text_tokenizer, seed)
 
     def make_batch(step: int, rows: range) -> dict:
-        generator = _batch_generator(seed, step)
+        generator = step_generator(seed, step)
         index = torch.randint(len(train_data.images), (plan.batch_size,), generator=generator)
         use_caption = torch.rand(plan.batch_size, generator=generator) < stage.caption_mix
         batch = train_data.batch(index[list(rows)], use_caption[list(rows)])
@@ -295,7 +290,7 @@ def train_judges(preset: str = "tiny", schedule: str = "quick", data_root: Path 
         judges = Judges(config, text_tokenizer.vocab_size, text_tokenizer.pad_id)
 
     def make_batch(step: int, rows: range) -> dict:
-        generator = _batch_generator(config.seed, step)
+        generator = step_generator(config.seed, step)
         index = torch.randint(len(train_data.images), (plan.batch_size,), generator=generator)
         use_caption = torch.rand(plan.batch_size, generator=generator) < config.caption_mix
         images = augment(to_float(train_data.images[index]), config.shift, config.flip, generator)

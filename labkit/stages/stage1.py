@@ -26,7 +26,7 @@ from ..detokenizer import Detokenizer, vae_config
 from ..errors import LabError, ParameterError
 from ..presets import get_preset
 from ..training import Schedule, train
-from . import artifact_folders, base_manifest, locate_artifact, prepare_workdir
+from . import artifact_folders, base_manifest, locate_artifact, prepare_workdir, step_generator
 from .detokenizer_eval import EvalFrames, image_metrics
 
 VAE, NAME = "vae", "detokenizer"
@@ -54,10 +54,6 @@ def plan_for(table: dict[str, Schedule], schedule: str, steps: int | None) -> Sc
         return plan
     return Schedule(**{**asdict(plan), "steps": steps, "warmup": min(plan.warmup, max(1, steps // 10)),
                        "eval_every": steps, "checkpoint_every": max(1, min(plan.checkpoint_every, steps))})
-
-
-def step_generator(seed: int, step: int) -> torch.Generator:
-    return torch.Generator().manual_seed(seed * 1_000_003 + step)
 
 
 def _require_trainable(preset: str) -> None:

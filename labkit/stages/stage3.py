@@ -33,10 +33,10 @@ from ..errors import ParameterError
 from ..mllm import collate
 from ..presets import get_preset
 from ..training import Schedule, train
-from . import artifact_folders, base_manifest, locate_artifact, prepare_workdir
+from . import artifact_folders, base_manifest, locate_artifact, prepare_workdir, step_generator
 from .detokenizer_eval import EvalFrames, image_metrics
 from .stage1 import (NAME as STAGE1, LatentBank, load_detokenizer_artifact, load_or_train_detokenizer, plan_for,
-                     save_detokenizer, step_generator, thin, with_dropout, _require_trainable)
+                     save_detokenizer, thin, with_dropout, _require_trainable)
 
 SEED = 4
 MODES = ("official", "full")
