@@ -89,11 +89,20 @@ def _data_show(args: argparse.Namespace) -> int:
 
 
 def _report(args: argparse.Namespace) -> int:
-    from .report import run_report
+    from .report import artifacts_folder, run_report
 
-    index = run_report(preset=args.preset, out=Path(args.out) if args.out else None, progress=not args.quiet)
+    if args.retrain:
+        from .retrain import retrain_all
+
+        seconds = retrain_all(args.preset, artifacts_folder(args.preset) / "retrained", progress=not args.quiet)
+        print(f"retrained every reference checkpoint in {sum(seconds.values()) / 60:.1f} min: {seconds}")
+    index, failed = run_report(preset=args.preset, out=Path(args.out) if args.out else None,
+                               grid=Path(args.grid) if args.grid else None, progress=not args.quiet,
+                               course=not args.grid_only, data_root=args.data)
     print(f"report: {index}")
-    return 0
+    for run in failed:
+        print(f"FAILED {run['run']}: {run['error']} (partial notebook: {run.get('partial')})", file=sys.stderr)
+    return 1 if failed else 0
 
 
 def _train(args: argparse.Namespace) -> int:
@@ -209,12 +218,24 @@ def _sink_study(args: argparse.Namespace) -> int:
     from .atomic import write_text
     from .sink_emergence import EmergenceConfig, run_study
 
+    from .sink_emergence import SETTINGS
+
     if args.steps < 1:
         raise LabError(f"parameter --steps: must be >= 1 (got {args.steps})")
-    results = run_study(EmergenceConfig(steps=args.steps, every=max(1, args.steps // 8)), data_root=args.data, progress=not args.quiet)
-    write_text(args.out, json.dumps(results, indent=1) + "\n")
+    settings = tuple(args.settings.split(","))
+    unknown = [s for s in settings if s not in SETTINGS]
+    if unknown:
+        raise LabError(f"parameter --settings: unknown {unknown}; choose from {list(SETTINGS)}")
+    results = run_study(EmergenceConfig(steps=args.steps, every=max(1, args.steps // 8)), data_root=args.data,
+                        settings=settings, progress=not args.quiet)
+    out = Path(args.out)
+    if set(settings) != set(SETTINGS) and out.exists():  # a partial re-run replaces only its settings
+        previous = json.loads(out.read_text(encoding="utf-8"))
+        previous.setdefault("settings", {}).update(results["settings"])
+        results = {**results, "settings": previous["settings"]}
+    write_text(out, json.dumps(results, indent=1) + "\n")
     for setting, result in results["settings"].items():
-        print(f"{setting:<11} max BOS sink {result['max_bos_ratio']:.1f}x uniform; NLL dense/window/sink "
+        print(f"{setting:<11} max BOS sink {result['max_bos_ratio']:.1f}x uniform (strongest head {result.get('max_bos_ratio_head', float('nan')):.1f}x); NLL dense/window/sink "
               + "/".join(f"{v:.3f}" for v in result["window_vs_sink_nll"].values()))
     return 0
 
@@ -330,6 +351,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     study = commands.add_parser("sink-study", help="when does a BOS attention sink emerge? three data settings, same model")
     study.add_argument("--steps", type=int, default=600)
+    study.add_argument("--settings", default=",".join(("story", "story+copy", "backcopy")),
+                       help="comma-separated settings to (re-)run; others already in --out are kept")
     study.add_argument("--data", help="data set folder (default: the tiny preset's)")
     study.add_argument("--out", default="checkpoints/tiny/sink_emergence.json")
     study.add_argument("--quiet", action="store_true")
@@ -338,6 +361,11 @@ def build_parser() -> argparse.ArgumentParser:
     report = commands.add_parser("report", help="run the notebooks with papermill and write a report")
     report.add_argument("--preset", default="tiny")
     report.add_argument("--out", help="report folder (default: reports/<preset>)")
+    report.add_argument("--grid", help="ablation grid YAML (default: grids/<preset>.yaml)")
+    report.add_argument("--grid-only", action="store_true", help="run only the grid's notebooks and 08 (not 00-06)")
+    report.add_argument("--data", help="data set folder (default: the preset's, made on first use)")
+    report.add_argument("--retrain", action="store_true",
+                        help="first retrain every reference checkpoint from scratch into artifacts/<preset>/retrained (~90 CPU min)")
     report.add_argument("--quiet", action="store_true")
     report.set_defaults(run=_report)
     return parser

