@@ -226,8 +226,10 @@ def _sink_study(args: argparse.Namespace) -> int:
     unknown = [s for s in settings if s not in SETTINGS]
     if unknown:
         raise LabError(f"parameter --settings: unknown {unknown}; choose from {list(SETTINGS)}")
-    results = run_study(EmergenceConfig(steps=args.steps, every=max(1, args.steps // 8)), data_root=args.data,
-                        settings=settings, progress=not args.quiet)
+    if args.batch_size < 1:
+        raise LabError(f"parameter --batch-size: must be >= 1 (got {args.batch_size})")
+    config = EmergenceConfig(steps=args.steps, batch_size=args.batch_size, every=max(1, args.steps // 8))
+    results = run_study(config, data_root=args.data, settings=settings, progress=not args.quiet)
     out = Path(args.out)
     if set(settings) != set(SETTINGS) and out.exists():  # a partial re-run replaces only its settings
         previous = json.loads(out.read_text(encoding="utf-8"))
@@ -351,6 +353,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     study = commands.add_parser("sink-study", help="when does a BOS attention sink emerge? three data settings, same model")
     study.add_argument("--steps", type=int, default=600)
+    study.add_argument("--batch-size", type=int, default=8, help="sequences of 256 tokens per step")
     study.add_argument("--settings", default=",".join(("story", "story+copy", "backcopy")),
                        help="comma-separated settings to (re-)run; others already in --out are kept")
     study.add_argument("--data", help="data set folder (default: the tiny preset's)")
