@@ -98,7 +98,7 @@ def _report(args: argparse.Namespace) -> int:
         print(f"retrained every reference checkpoint in {sum(seconds.values()) / 60:.1f} min: {seconds}")
     index, failed = run_report(preset=args.preset, out=Path(args.out) if args.out else None,
                                grid=Path(args.grid) if args.grid else None, progress=not args.quiet,
-                               course=not args.grid_only, data_root=args.data)
+                               course=not args.grid_only, data_root=args.data, rerun=args.rerun or args.retrain)
     print(f"report: {index}")
     for run in failed:
         print(f"FAILED {run['run']}: {run['error']} (partial notebook: {run.get('partial')})", file=sys.stderr)
@@ -365,6 +365,7 @@ def build_parser() -> argparse.ArgumentParser:
     report.add_argument("--preset", default="tiny")
     report.add_argument("--out", help="report folder (default: reports/<preset>)")
     report.add_argument("--grid", help="ablation grid YAML (default: grids/<preset>.yaml)")
+    report.add_argument("--rerun", action="store_true", help="execute every notebook, even those whose finished run matches")
     report.add_argument("--grid-only", action="store_true", help="run only the grid's notebooks and 08 (not 00-06)")
     report.add_argument("--data", help="data set folder (default: the preset's, made on first use)")
     report.add_argument("--retrain", action="store_true",

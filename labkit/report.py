@@ -119,7 +119,15 @@ def _records_digest(out: Path) -> str:
     return digest.hexdigest()[:16]
 
 
-def _execute(run: GridRun, out: Path) -> dict:
+def _run_digest(run: GridRun, source: Path) -> str:
+    """The run's parameters and its notebook's text: a finished run is reused only if neither changed."""
+    import hashlib
+
+    text = source.read_bytes() if source.is_file() else b""
+    return hashlib.sha256(run.digest().encode() + text).hexdigest()[:16]
+
+
+def _execute(run: GridRun, out: Path, rerun: bool = False) -> dict:
     """Run one notebook unless an identical run already finished; never raises for a failing notebook."""
     import nbformat
     import papermill
@@ -128,11 +136,13 @@ def _execute(run: GridRun, out: Path) -> dict:
     executed = out / "executed" / f"{run.run_id}.ipynb"
     partial = executed.with_suffix(".partial.ipynb")
     stamp = executed.with_suffix(".json")
+    source = project_root() / "notebooks" / run.notebook
+    digest = _run_digest(run, source)
     result = {"run": run.run_id, "notebook": run.notebook, "title": run.title, "parameters": _portable(run.parameters),
               "axes": run.axes, "status": "ok", "seconds": 0.0}
-    if executed.is_file() and stamp.is_file() and json.loads(stamp.read_text(encoding="utf-8")).get("digest") == run.digest():
-        return {**result, "status": "reused", "seconds": json.loads(stamp.read_text(encoding="utf-8"))["seconds"]}
-    source = project_root() / "notebooks" / run.notebook
+    finished = json.loads(stamp.read_text(encoding="utf-8")) if stamp.is_file() and executed.is_file() else {}
+    if not rerun and finished.get("digest") == digest:
+        return {**result, "status": "reused", "seconds": finished["seconds"]}
     if not source.is_file():
         return {**result, "status": "failed", "error": f"{source}: notebook not found", "partial": None}
     undeclared = undeclared_parameters(source, run.parameters)
@@ -154,7 +164,7 @@ def _execute(run: GridRun, out: Path) -> dict:
     partial.replace(executed)
     body, _ = HTMLExporter().from_notebook_node(nbformat.read(executed, as_version=4))
     write_text(out / "html" / f"{run.run_id}.html", body)
-    write_text(stamp, json.dumps({"digest": run.digest(), "seconds": seconds}) + "\n")
+    write_text(stamp, json.dumps({"digest": digest, "seconds": seconds}) + "\n")
     return {**result, "seconds": seconds}
 
 
@@ -182,10 +192,11 @@ def build_tables(out: Path | str, preset: str = "tiny") -> dict:
 
 
 def run_report(preset: str = "tiny", out: Path | None = None, grid: Path | str | None = None, progress: bool = True,
-               course: bool = True, data_root: Path | str | None = None) -> tuple[Path, list[dict]]:
+               course: bool = True, data_root: Path | str | None = None, rerun: bool = False) -> tuple[Path, list[dict]]:
     """Run every notebook of the report and write its folder; returns (index.md, the failed runs).
 
-    `course=False` runs only the grid and notebook 08; `data_root` replaces the preset's data set."""
+    `course=False` runs only the grid and notebook 08; `data_root` replaces the preset's data set; `rerun`
+    executes every notebook even if an identical run finished (after changing labkit's code, say)."""
     import torch
 
     from .report_index import index_html, index_markdown
@@ -202,11 +213,11 @@ def run_report(preset: str = "tiny", out: Path | None = None, grid: Path | str |
     bar = tqdm(total=len(runs) + 1, desc="report", unit="run", disable=not progress)
     for run in runs:
         bar.set_postfix_str(run.run_id)
-        results.append(_execute(run, out))
+        results.append(_execute(run, out, rerun))
         bar.update()
     final = GridRun("08_report.ipynb", {"preset": preset, "report_dir": str(out), "cells": _records_digest(out)},
                     "The report: the paper's Table 2 and Table 4 beside the lab's, and the findings")
-    results.append(_execute(final, out))
+    results.append(_execute(final, out, rerun))
     bar.update()
     bar.close()
     for result in results:

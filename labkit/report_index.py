@@ -84,7 +84,10 @@ def index_markdown(summary: dict) -> str:
             lines.append(f"| `{policy}` | {row['seconds_ratio_100_vs_10']:.2f}x | {row['kv_bytes_10'] / 1e6:.2f} → {row['kv_bytes_100'] / 1e6:.2f} MB "
                          f"| {_percent(row['char_acc'])} | {_number(row['fid'])} |")
         lines.append("")
-    lines += ["## Findings", ""]
+    lines += ["## Findings", "",
+              "Verdicts on image and text metrics are fixed by the seed (two runs of the same report agree exactly); "
+              "verdicts on speed use one run's wall-clock times, which vary between runs and machines, so a speed "
+              "ratio near 1 can flip between reports.", ""]
     for finding in summary["findings"]:
         sentence = f"- {finding['claim']} {_verdict(finding['reproduced'])} at tiny scale. Paper: {finding['paper']}. Lab: {finding['lab']}."
         if finding.get("why_not"):

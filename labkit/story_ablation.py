@@ -194,31 +194,29 @@ def score_cell(images: torch.Tensor, runs: list[StoryRun], config: CellConfig, i
 
     indices = opening_indices(config, inputs.frames.stories)
     judges, frames = inputs.judges, inputs.frames
-    protagonist = frames.protagonist[indices, 0]
-    style = frames.style[indices, 0]
+    protagonist, style = frames.protagonist[indices, 0], frames.style[indices, 0]  # one label per story
     stories, segments = images.shape[:2]
     generated = images[:, 1:].flatten(0, 1)
-    captions = [run.captions[s] for run in runs for s in range(1, segments)]
-    repeat = lambda labels: labels.repeat_interleave(segments - 1)  # noqa: E731 - one label per generated frame
+    per_frame = lambda labels: labels.repeat_interleave(segments - 1)  # noqa: E731 - generated frames are story-major
+    consecutive = metrics.lpips_distances(images[:, 1:].flatten(0, 1), images[:, :-1].flatten(0, 1))
+    similarity = [metrics.sentence_similarity(run.captions) for run in runs]
     overall = {
         "fid": metrics.fid_analogue(judges, generated, frames.images.flatten(0, 1)),
-        "clip": metrics.clip_analogue(judges, generated, captions),
-        "char_acc": metrics.character_accuracy(judges, generated, repeat(protagonist)),
-        "style_consistency": metrics.style_consistency(judges, generated, repeat(style)),
+        "clip": metrics.clip_analogue(judges, generated, [c for run in runs for c in run.captions[1:]]),
+        "char_acc": metrics.character_accuracy(judges, generated, per_frame(protagonist)),
+        "style_consistency": metrics.style_consistency(judges, generated, per_frame(style)),
+        "lpips": None if consecutive is None else float(consecutive.mean()),
         "distinct_2": sum(metrics.distinct_n(run.captions, 2) for run in runs) / stories,
         "repeated_captions": sum(metrics.repeated_captions(run.captions) for run in runs) / stories,
+        "sentence_similarity": None if None in similarity else sum(similarity) / stories,
     }
-    consecutive = metrics.lpips_distances(images[:, 1:].flatten(0, 1), images[:, :-1].flatten(0, 1))
-    overall["lpips"] = None if consecutive is None else float(consecutive.mean())
-    similarity = [metrics.sentence_similarity(run.captions) for run in runs]
-    overall["sentence_similarity"] = None if None in similarity else sum(similarity) / stories
-    per_segment = {"char_acc": [], "style_consistency": [], "clip": [],
-                   "lpips_consecutive": [None] + (consecutive.reshape(stories, segments - 1).mean(0).tolist() if consecutive is not None else [None] * (segments - 1))}
-    for s in range(segments):
-        column = images[:, s]
-        per_segment["char_acc"].append(metrics.character_accuracy(judges, column, protagonist))
-        per_segment["style_consistency"].append(metrics.style_consistency(judges, column, style))
-        per_segment["clip"].append(metrics.clip_analogue(judges, column, [run.captions[s] for run in runs]))
+    per_segment = {
+        "char_acc": [metrics.character_accuracy(judges, images[:, s], protagonist) for s in range(segments)],
+        "style_consistency": [metrics.style_consistency(judges, images[:, s], style) for s in range(segments)],
+        "clip": [metrics.clip_analogue(judges, images[:, s], [run.captions[s] for run in runs]) for s in range(segments)],
+        "lpips_consecutive": [None] * segments if consecutive is None else
+                             [None] + consecutive.reshape(stories, segments - 1).mean(0).tolist(),
+    }
     return {"overall": overall, "per_segment": per_segment}
 
 

@@ -161,3 +161,16 @@ def test_report_with_a_bad_grid_exits_2_before_any_work(tmp_path, capsys):
     grid = write(tmp_path / "g.yaml", "blocks: 3\n")
     code = main(["report", "--grid", str(grid), "--out", str(tmp_path / "r"), "--quiet"])
     assert code == 2 and str(grid) in capsys.readouterr().err and not (tmp_path / "r").exists()
+
+
+def test_retrained_checkpoints_take_the_place_of_the_committed_ones(monkeypatch, tmp_path):
+    from labkit.stages import CHECKPOINTS_ENV, artifact_folders, checkpoints_folder, locate_artifact
+
+    assert locate_artifact("mllm", "tiny") == project_root() / "checkpoints" / "tiny" / "mllm"
+    monkeypatch.setenv(CHECKPOINTS_ENV, str(tmp_path))
+    assert checkpoints_folder("tiny") == tmp_path
+    assert artifact_folders("tiny", "mllm", "reference", None)[0] == tmp_path / "mllm"  # --retrain writes there
+    assert locate_artifact("mllm", "tiny") != project_root() / "checkpoints" / "tiny" / "mllm"
+    (tmp_path / "mllm").mkdir()
+    (tmp_path / "mllm" / "manifest.json").write_text("{}")
+    assert locate_artifact("mllm", "tiny") == tmp_path / "mllm"
