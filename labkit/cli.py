@@ -89,17 +89,27 @@ def _data_show(args: argparse.Namespace) -> int:
 
 
 def _report(args: argparse.Namespace) -> int:
-    from .report import artifacts_folder, run_report
+    from .report import artifacts_folder, project_root, run_report
 
+    out = Path(args.out) if args.out else None
     if args.retrain:
         from .retrain import retrain_all
 
-        seconds = retrain_all(args.preset, artifacts_folder(args.preset) / "retrained", progress=not args.quiet)
+        # the retrained report goes beside the committed one, never over it, so the two can be compared
+        out = out or project_root() / "reports" / f"{args.preset}-retrained-{args.retrain_schedule}"
+        seconds = retrain_all(args.preset, artifacts_folder(args.preset) / f"retrained-{args.retrain_schedule}",
+                              progress=not args.quiet, schedule=args.retrain_schedule)
         print(f"retrained every reference checkpoint in {sum(seconds.values()) / 60:.1f} min: {seconds}")
-    index, failed = run_report(preset=args.preset, out=Path(args.out) if args.out else None,
+    index, failed = run_report(preset=args.preset, out=out,
                                grid=Path(args.grid) if args.grid else None, progress=not args.quiet,
                                course=not args.grid_only, data_root=args.data, rerun=args.rerun or args.retrain)
     print(f"report: {index}")
+    committed = project_root() / "reports" / args.preset / "summary.json"
+    if args.retrain and committed.is_file():
+        from .retrain import compare_reports
+
+        for run, deltas in compare_reports(committed, index.parent / "summary.json").items():
+            print(f"{run}: retrained - committed " + ", ".join(f"{k} {v:+.3f}" for k, v in deltas.items()))
     for run in failed:
         print(f"FAILED {run['run']}: {run['error']} (partial notebook: {run.get('partial')})", file=sys.stderr)
     return 1 if failed else 0
@@ -368,6 +378,8 @@ def build_parser() -> argparse.ArgumentParser:
     report.add_argument("--rerun", action="store_true", help="execute every notebook, even those whose finished run matches")
     report.add_argument("--grid-only", action="store_true", help="run only the grid's notebooks and 08 (not 00-06)")
     report.add_argument("--data", help="data set folder (default: the preset's, made on first use)")
+    report.add_argument("--retrain-schedule", choices=("reference", "quick"), default="reference",
+                        help="with --retrain: quick retrains the whole chain in minutes (a check, not the reference numbers)")
     report.add_argument("--retrain", action="store_true",
                         help="first retrain every reference checkpoint from scratch into artifacts/<preset>/retrained (~90 CPU min)")
     report.add_argument("--quiet", action="store_true")

@@ -17,8 +17,11 @@ from pathlib import Path
 from .stages import CHECKPOINTS_ENV
 
 
-def retrain_all(preset: str, folder: Path | str, progress: bool = True) -> dict[str, float]:
-    """Train every reference checkpoint into `folder`, in stage order; return each stage's wall seconds."""
+def retrain_all(preset: str, folder: Path | str, progress: bool = True, schedule: str = "reference") -> dict[str, float]:
+    """Train every reference checkpoint into `folder`, in stage order; return each stage's wall seconds.
+
+    `schedule="quick"` runs the same chain with the quick schedules (minutes, not hours): a check that the
+    whole from-scratch path works, not a reproduction of the reference numbers."""
     from .atomic import write_text
     from .sink_emergence import reference_study
     from .stages.stage0 import train_judges, train_stage0
@@ -29,20 +32,32 @@ def retrain_all(preset: str, folder: Path | str, progress: bool = True) -> dict[
     folder = Path(folder).resolve()
     os.environ[CHECKPOINTS_ENV] = str(folder)  # from here on, locate_artifact finds the retrained stages first
     stages = [
-        ("visual_tokenizer", lambda: train_stage0(preset, "reference", progress=progress)),
-        ("judges", lambda: train_judges(preset, "reference", progress=progress)),
-        ("mllm", lambda: train_stage2(preset, "reference", progress=progress)),
-        ("vae", lambda: train_vae(preset, "reference", progress=progress)),
-        ("detokenizer", lambda: train_stage1(preset, "reference", progress=progress)),
-        ("detokenizer_official", lambda: train_stage3(preset, "reference", mode="official", progress=progress)),
-        ("detokenizer_full", lambda: train_stage3(preset, "reference", mode="full", progress=progress)),
-        ("sink_emergence", lambda: write_text(folder / "sink_emergence.json",
-                                              json.dumps(reference_study(progress=progress), indent=1) + "\n")),
+        ("visual_tokenizer", lambda out: train_stage0(preset, schedule, out=out, progress=progress)),
+        ("judges", lambda out: train_judges(preset, schedule, out=out, progress=progress)),
+        ("mllm", lambda out: train_stage2(preset, schedule, out=out, progress=progress)),
+        ("vae", lambda out: train_vae(preset, schedule, out=out, progress=progress)),
+        ("detokenizer", lambda out: train_stage1(preset, schedule, out=out, progress=progress)),
+        ("detokenizer_official", lambda out: train_stage3(preset, schedule, mode="official", out=out, progress=progress)),
+        ("detokenizer_full", lambda out: train_stage3(preset, schedule, mode="full", out=out, progress=progress)),
     ]
+    if schedule == "reference":  # the study has no quick form; notebook 05 reads the committed one otherwise
+        stages.append(("sink_emergence", lambda out: write_text(out.with_suffix(".json"),
+                                                                json.dumps(reference_study(progress=progress), indent=1) + "\n")))
     seconds = {}
     for name, train in stages:
         start = time.perf_counter()
-        train()
+        train(folder / name)  # every stage writes into `folder`, where locate_artifact now looks first
         seconds[name] = round(time.perf_counter() - start, 1)
     write_text(folder / "retrain_seconds.json", json.dumps(seconds, indent=1) + "\n")
     return seconds
+
+
+def compare_reports(committed: Path | str, retrained: Path | str) -> dict[str, dict[str, float]]:
+    """Per grid cell present in both reports, each overall metric's difference (retrained - committed)."""
+    first = {r["run"]: r for r in json.loads(Path(committed).read_text(encoding="utf-8"))["runs"] if "metrics" in r}
+    second = {r["run"]: r for r in json.loads(Path(retrained).read_text(encoding="utf-8"))["runs"] if "metrics" in r}
+    out = {}
+    for run in sorted(first.keys() & second.keys()):
+        a, b = first[run]["metrics"]["overall"], second[run]["metrics"]["overall"]
+        out[run] = {k: b[k] - a[k] for k in a if isinstance(a[k], (int, float)) and isinstance(b.get(k), (int, float))}
+    return out
