@@ -81,7 +81,7 @@ def course_runs(preset: str, data: str) -> list[GridRun]:
         GridRun("03_stage1_detokenizer.ipynb", {**common, "train_live": False},
                 "Stage 1: the VAE and the de-tokenizer: reconstructions from features"),
         GridRun("04_stage2_mllm.ipynb", {**common, "train_live": False}, "Stage 2: the MLLM: losses, captions, regressed features"),
-        GridRun("05_attention_sinks.ipynb", {"preset": preset, "trace_segments": 25, "long_context_stories": 4, "stress_stories": 2},
+        GridRun("05_attention_sinks.ipynb", {"preset": preset, "trace_segments": 25, "long_context_stories": 4, "stress_stories": 1},
                 "KV-cache policies, the RoPE clock, long-context curves (30 and 100 segments), attention sinks"),
         GridRun("06_stage3_adaptation.ipynb", {**common, "train_live": False},
                 "Stage 3: adapting the de-tokenizer, official vs full (the paper's Table 4)"),
