@@ -238,7 +238,10 @@ def _sink_study(args: argparse.Namespace) -> int:
         raise LabError(f"parameter --settings: unknown {unknown}; choose from {list(SETTINGS)}")
     if args.batch_size < 1:
         raise LabError(f"parameter --batch-size: must be >= 1 (got {args.batch_size})")
-    config = EmergenceConfig(steps=args.steps, batch_size=args.batch_size, every=max(1, args.steps // 8))
+    if args.lr <= 0 or args.weight_decay < 0:
+        raise LabError(f"parameters --lr / --weight-decay: must be > 0 / >= 0 (got {args.lr} / {args.weight_decay})")
+    config = EmergenceConfig(steps=args.steps, batch_size=args.batch_size, lr=args.lr, weight_decay=args.weight_decay,
+                             every=max(1, args.steps // 8))
     results = run_study(config, data_root=args.data, settings=settings, progress=not args.quiet)
     out = Path(args.out)
     if set(settings) != set(SETTINGS) and out.exists():  # a partial re-run replaces only its settings
@@ -246,8 +249,10 @@ def _sink_study(args: argparse.Namespace) -> int:
         previous.setdefault("settings", {}).update(results["settings"])
         results = {**results, "settings": previous["settings"]}
     write_text(out, json.dumps(results, indent=1) + "\n")
-    for setting, result in results["settings"].items():
-        print(f"{setting:<11} max BOS sink {result['max_bos_ratio']:.1f}x uniform (strongest head {result.get('max_bos_ratio_head', float('nan')):.1f}x); NLL dense/window/sink "
+    for setting in settings:  # the settings this run trained (others kept in --out are not re-printed)
+        result = results["settings"][setting]
+        print(f"{setting:<11} max BOS sink {result['max_bos_ratio']:.1f}x uniform (strongest head "
+              f"{result['max_bos_ratio_head']:.1f}x); NLL dense/window/sink "
               + "/".join(f"{v:.3f}" for v in result["window_vs_sink_nll"].values()))
     return 0
 
@@ -364,6 +369,8 @@ def build_parser() -> argparse.ArgumentParser:
     study = commands.add_parser("sink-study", help="when does a BOS attention sink emerge? three data settings, same model")
     study.add_argument("--steps", type=int, default=600)
     study.add_argument("--batch-size", type=int, default=8, help="sequences of 256 tokens per step")
+    study.add_argument("--lr", type=float, default=1e-3, help="AdamW learning rate (a lever Gu et al. report)")
+    study.add_argument("--weight-decay", type=float, default=0.05, help="AdamW weight decay (another lever)")
     study.add_argument("--settings", default=",".join(("story", "story+copy", "backcopy")),
                        help="comma-separated settings to (re-)run; others already in --out are kept")
     study.add_argument("--data", help="data set folder (default: the tiny preset's)")

@@ -30,3 +30,18 @@ def test_bos_ratios_per_layer_mean_and_strongest_head():
     mean, strongest = bos_ratios(model, torch.randint(0, 50, (2, 40)))
     assert len(mean) == len(strongest) == 2
     assert all(s >= m > 0 for m, s in zip(mean, strongest))
+
+
+def test_sink_study_cli_refuses_bad_levers_and_merges_a_partial_rerun(tmp_path, capsys):
+    import json
+
+    from labkit.cli import main
+
+    for args in (["--settings", "nosuch"], ["--lr", "0"], ["--batch-size", "0"], ["--steps", "0"]):
+        assert main(["sink-study", "--out", str(tmp_path / "x.json"), "--quiet", *args]) == 2
+        assert "parameter" in capsys.readouterr().err
+    out = tmp_path / "study.json"
+    out.write_text(json.dumps({"settings": {"story": {"kept": True}}}))
+    assert main(["sink-study", "--steps", "2", "--settings", "backcopy", "--data", str(SAMPLE), "--out", str(out), "--quiet"]) == 0
+    settings = json.loads(out.read_text())["settings"]
+    assert settings["story"] == {"kept": True} and settings["backcopy"]["config"]["steps"] == 2
