@@ -33,6 +33,23 @@ def write_text(path: Path | str, text: str) -> None:
     write_bytes(path, text.encode("utf-8"))
 
 
+def save_torch(obj: object, path: Path | str) -> None:
+    """`torch.save` to a temporary file beside `path`, then rename: readers never see half a file, and
+    concurrent writers (two notebooks filling the same cache) never share a temporary file."""
+    import torch
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        torch.save(obj, tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+
+
 @contextlib.contextmanager
 def build_directory(target: Path | str, overwrite: bool = False) -> Iterator[Path]:
     """Yield an empty temporary folder; on success it replaces `target`, on error it is removed.

@@ -23,12 +23,12 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
 
+from .atomic import save_torch
 from .errors import ParameterError
 from .generate import STRATEGIES, StoryRun, generate_story
 
@@ -141,10 +141,7 @@ def generate_stories(config: CellConfig, inputs: CellInputs, cache_dir: Path | N
                                    recompute_segments=config.recompute_segments))
         runs[-1].steps = [_light(step) for step in runs[-1].steps]
     if cache is not None:
-        cache.parent.mkdir(parents=True, exist_ok=True)
-        tmp = cache.with_name(f".{cache.name}.{os.getpid()}.tmp")
-        torch.save(runs, tmp)
-        tmp.replace(cache)
+        save_torch(runs, cache)
     return runs
 
 
@@ -287,8 +284,7 @@ def run_cell(config: CellConfig, out: Path | str, inputs: CellInputs | None = No
     buffer = io.BytesIO()
     Image.fromarray(strip_image(images).permute(1, 2, 0).numpy()).save(buffer, format="PNG")
     write_bytes(out / "strip.png", buffer.getvalue())
-    torch.save(images, out / ".images.pt.tmp")  # the notebook's strips and curves; not part of the report
-    (out / ".images.pt.tmp").replace(out / "images.pt")
+    save_torch(images, out / "images.pt")  # the notebook's strips and curves; not part of the report
     record = finite(record)
     write_text(out / "metrics.json", json.dumps(record, indent=1) + "\n")
     return record

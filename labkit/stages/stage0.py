@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -28,6 +27,7 @@ import torch
 from torch.nn import functional as F
 
 from ..artifacts import WEIGHTS
+from ..atomic import save_torch
 from ..contrastive import ImageTextPair, PairData, TextTower, TextTowerConfig, embed_images, embed_texts, load_pairs, retrieval
 from ..data.frames import SplitFrames, to_float
 from ..data.storystream_mini import load_tokenizer
@@ -250,10 +250,7 @@ def features_for_split(preset: str, split: str, data_root: Path | str | None = N
     if cache.is_file():
         return torch.load(cache, weights_only=True)
     features = extract_features(load_or_train_visual_tokenizer(preset, progress), load_frames(data_root, split))
-    cache_dir.mkdir(parents=True, exist_ok=True)
-    tmp = cache.with_name(f".{cache.name}.{os.getpid()}.tmp")  # concurrent writers never share a temporary file
-    torch.save(features, tmp)
-    tmp.replace(cache)
+    save_torch(features, cache)
     return features
 
 

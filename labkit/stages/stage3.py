@@ -19,7 +19,6 @@ has none) so the blank-frame guidance negative keeps its meaning after adaptatio
 from __future__ import annotations
 
 import hashlib
-import os
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -27,6 +26,7 @@ from pathlib import Path
 import torch
 
 from ..artifacts import WEIGHTS
+from ..atomic import save_torch
 from ..data.frames import load_frames
 from ..data.layout import build_layout
 from ..errors import ParameterError
@@ -112,10 +112,7 @@ def regressed_pairs(preset: str, split: str, data_root: Path | str, progress: bo
     model, tokenizer, _ = load_mllm(folder, preset)
     pairs = compute_regressed(model, tokenizer, frames_of(data_root, split).captions, features_for_split(preset, split, data_root, progress),
                               get_preset(preset).data.chunk_length, progress=progress)
-    cache.parent.mkdir(parents=True, exist_ok=True)
-    tmp = cache.with_name(f".{cache.name}.{os.getpid()}.tmp")
-    torch.save(asdict(pairs), tmp)
-    tmp.replace(cache)
+    save_torch(asdict(pairs), cache)
     return pairs
 
 
