@@ -99,7 +99,7 @@ def _report(args: argparse.Namespace) -> int:
         out = out or project_root() / "reports" / f"{args.preset}-retrained-{args.retrain_schedule}"
         seconds = retrain_all(args.preset, artifacts_folder(args.preset) / f"retrained-{args.retrain_schedule}",
                               progress=not args.quiet, schedule=args.retrain_schedule)
-        print(f"retrained every reference checkpoint in {sum(seconds.values()) / 60:.1f} min: {seconds}")
+        print(f"retrained every stage ({args.retrain_schedule} schedules) in {sum(seconds.values()) / 60:.1f} min: {seconds}")
     index, failed = run_report(preset=args.preset, out=out,
                                grid=Path(args.grid) if args.grid else None, progress=not args.quiet,
                                course=not args.grid_only, data_root=args.data, rerun=args.rerun or args.retrain)

@@ -203,11 +203,11 @@ def run_report(preset: str = "tiny", out: Path | None = None, grid: Path | str |
     from .story_ablation import finite
 
     get_preset(preset)  # fail fast on an unknown preset, before any work
-    out = Path(out) if out else project_root() / "reports" / preset
+    out = Path(out).resolve() if out else project_root() / "reports" / preset  # notebooks run in notebooks/
     runs = _grid_runs(Path(grid) if grid else default_grid(preset), preset, out)  # a bad grid file stops here
     _prune(out, {run.run_id for run in runs})
     start = time.perf_counter()
-    data = str(data_root) if data_root else str(ensure_dataset(preset, progress))
+    data = str(Path(data_root).resolve()) if data_root else str(ensure_dataset(preset, progress))
     runs = (course_runs(preset, data) if course else []) + _with_data(runs, data)
     results = []
     bar = tqdm(total=len(runs) + 1, desc="report", unit="run", disable=not progress)
