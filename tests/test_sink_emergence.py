@@ -45,3 +45,16 @@ def test_sink_study_cli_refuses_bad_levers_and_merges_a_partial_rerun(tmp_path, 
     assert main(["sink-study", "--steps", "2", "--settings", "backcopy", "--data", str(SAMPLE), "--out", str(out), "--quiet"]) == 0
     settings = json.loads(out.read_text())["settings"]
     assert settings["story"] == {"kept": True} and settings["backcopy"]["config"]["steps"] == 2
+
+
+def test_the_committed_study_is_what_reference_study_runs():
+    import json
+    from dataclasses import asdict
+
+    from labkit.sink_emergence import REFERENCE_RUNS
+
+    committed = json.loads((project_root() / "checkpoints" / "tiny" / "sink_emergence.json").read_text())["settings"]
+    expected = {setting + suffix: asdict(EmergenceConfig(**fields)) for suffix, settings, fields in REFERENCE_RUNS for setting in settings}
+    assert {name: result["config"] for name, result in committed.items()} == expected
+    grown = committed["backcopy, lr 3e-3, wd 0.1"]
+    assert grown["max_bos_ratio"] >= 5 and grown["window_vs_sink_nll"]["window"] > grown["window_vs_sink_nll"]["sink"]
