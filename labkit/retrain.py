@@ -1,10 +1,11 @@
 """`labkit report --retrain`: every reference checkpoint trained again from scratch (issue 6).
 
 The committed checkpoints under `checkpoints/<preset>/` were made by the same functions with the `reference`
-schedule; retraining them all (about 200 CPU minutes at tiny, half of it the sink-emergence study) shows the report does not depend on anything the
-repository merely ships. The retrained checkpoints go to a separate folder (never over the committed ones), and
-the `LABKIT_CHECKPOINTS` environment variable points every later stage, and every notebook papermill starts, at
-them. Each stage resumes from its own last checkpoint when interrupted.
+schedule; retraining them all (about 200 CPU minutes at tiny, half of it the sink-emergence study) shows the
+report does not depend on anything the repository merely ships. The retrained checkpoints go to a separate
+folder (never over the committed ones), and the `LABKIT_CHECKPOINTS` environment variable points every later
+stage, and every notebook papermill starts, at them. Each stage resumes from its own last checkpoint when
+interrupted.
 """
 
 from __future__ import annotations
