@@ -34,6 +34,12 @@ def config_hash(config: Any) -> str:
     return hashlib.sha256(text.encode("utf-8")).hexdigest()[:16]
 
 
+def weights_hash(folder: Path | str) -> str:
+    """A short hash of an artifact's weights file: caches derived from a model (features, regressed features,
+    generated stories) are keyed by it, so retrained weights are never served stale results."""
+    return hashlib.sha256((Path(folder) / WEIGHTS).read_bytes()).hexdigest()[:16]
+
+
 def command_line() -> str:
     return " ".join(["labkit" if sys.argv and sys.argv[0].endswith("labkit") else Path(sys.argv[0]).name, *sys.argv[1:]])
 

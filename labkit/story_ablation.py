@@ -94,7 +94,7 @@ class CellInputs:
 
 def load_inputs(preset: str = "tiny", data_root: Path | str | None = None, progress: bool = True) -> CellInputs:
     """The reference (or quick) MLLM and judges, and the test split of `data_root` (default: the preset's data set)."""
-    from .artifacts import WEIGHTS
+    from .artifacts import weights_hash
     from .data.frames import load_frames
     from .errors import LabError
     from .report import ensure_dataset
@@ -109,7 +109,7 @@ def load_inputs(preset: str = "tiny", data_root: Path | str | None = None, progr
     root = Path(data_root) if data_root else ensure_dataset(preset, progress)
     return CellInputs(model, tokenizer, load_judges(preset, progress), load_frames(root, "test"),
                       features_for_split(preset, "test", root, progress),
-                      hashlib.sha256((folder / WEIGHTS).read_bytes()).hexdigest()[:16])
+                      weights_hash(folder))
 
 
 def opening_indices(config: CellConfig, available: int) -> list[int]:

@@ -26,7 +26,7 @@ from typing import Callable
 import torch
 from torch.nn import functional as F
 
-from ..artifacts import WEIGHTS
+from ..artifacts import weights_hash
 from ..atomic import save_torch
 from ..contrastive import ImageTextPair, PairData, TextTower, TextTowerConfig, embed_images, embed_texts, load_pairs, retrieval
 from ..data.frames import SplitFrames, to_float
@@ -241,7 +241,7 @@ def features_for_split(preset: str, split: str, data_root: Path | str | None = N
         if folder is None:  # nothing trained yet: train quick now
             load_or_train_visual_tokenizer(preset, progress)
             folder = locate_artifact(NAME, preset)
-        weights = hashlib.sha256((folder / WEIGHTS).read_bytes()).hexdigest()[:16]
+        weights = weights_hash(folder)
         inside_checkpoints = project_root() / "checkpoints" in folder.resolve().parents
         cache_dir = artifacts_folder(preset) / "features" / NAME if inside_checkpoints else folder / "features"
     stat = source.stat()

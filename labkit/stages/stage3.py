@@ -25,7 +25,7 @@ from pathlib import Path
 
 import torch
 
-from ..artifacts import WEIGHTS
+from ..artifacts import weights_hash
 from ..atomic import save_torch
 from ..data.frames import load_frames
 from ..data.layout import build_layout
@@ -104,7 +104,7 @@ def regressed_pairs(preset: str, split: str, data_root: Path | str, progress: bo
         train_stage2(preset, "quick", progress=progress)
         folder = locate_artifact(MLLM, preset)
     source = Path(data_root) / f"{split}.jsonl"
-    weights = hashlib.sha256((folder / WEIGHTS).read_bytes()).hexdigest()[:16]
+    weights = weights_hash(folder)
     key = hashlib.sha256(f"{weights}|{Path(data_root).resolve()}|{split}|{source.stat().st_size}|{source.stat().st_mtime_ns}".encode()).hexdigest()[:16]
     cache = artifacts_folder(preset) / "features" / "regressed" / f"{split}-{key}.pt"
     if cache.is_file():
