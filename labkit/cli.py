@@ -98,18 +98,21 @@ def _report(args: argparse.Namespace) -> int:
         # the retrained report goes beside the committed one, never over it, so the two can be compared
         out = out or project_root() / "reports" / f"{args.preset}-retrained-{args.retrain_schedule}"
         seconds = retrain_all(args.preset, artifacts_folder(args.preset) / f"retrained-{args.retrain_schedule}",
-                              progress=not args.quiet, schedule=args.retrain_schedule)
-        print(f"retrained every stage ({args.retrain_schedule} schedules) in {sum(seconds.values()) / 60:.1f} min: {seconds}")
+                              progress=not args.quiet, schedule=args.retrain_schedule, full_study=args.retrain_full_study)
+        print(f"retrained every stage ({args.retrain_schedule} schedules) in {seconds['total'] / 60:.1f} min wall: {seconds}")
     index, failed = run_report(preset=args.preset, out=out,
                                grid=Path(args.grid) if args.grid else None, progress=not args.quiet,
                                course=not args.grid_only, data_root=args.data, rerun=args.rerun or args.retrain)
     print(f"report: {index}")
     committed = project_root() / "reports" / args.preset / "summary.json"
     if args.retrain and committed.is_file():
-        from .retrain import compare_reports
+        from .retrain import compare_reports, outside_tolerance
 
         for run, deltas in compare_reports(committed, index.parent / "summary.json").items():
             print(f"{run}: retrained - committed " + ", ".join(f"{k} {v:+.3f}" for k, v in deltas.items()))
+        outside = outside_tolerance(committed, index.parent / "summary.json")
+        print("every metric within labkit.retrain.TOLERANCE of the committed report" if not outside else
+              "outside labkit.retrain.TOLERANCE:\n  " + "\n  ".join(outside))
     for run in failed:
         print(f"FAILED {run['run']}: {run['error']} (partial notebook: {run.get('partial')})", file=sys.stderr)
     return 1 if failed else 0
@@ -388,7 +391,9 @@ def build_parser() -> argparse.ArgumentParser:
     report.add_argument("--retrain-schedule", choices=("reference", "quick"), default="reference",
                         help="with --retrain: quick retrains the whole chain in minutes (a check, not the reference numbers)")
     report.add_argument("--retrain", action="store_true",
-                        help="first retrain every reference checkpoint from scratch into artifacts/<preset>/retrained (~90 CPU min)")
+                        help="first retrain every reference checkpoint from scratch into artifacts/<preset>/retrained-<schedule>")
+    report.add_argument("--retrain-full-study", action="store_true",
+                        help="with --retrain: also the three sink-emergence runs in which no sink grows (~60 CPU min more)")
     report.add_argument("--quiet", action="store_true")
     report.set_defaults(run=_report)
     return parser

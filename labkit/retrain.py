@@ -1,56 +1,172 @@
 """`labkit report --retrain`: every reference checkpoint trained again from scratch (issue 6).
 
 The committed checkpoints under `checkpoints/<preset>/` were made by the same functions with the `reference`
-schedule; retraining them all (about 200 CPU minutes at tiny, half of it the sink-emergence study) shows the
-report does not depend on anything the repository merely ships. The retrained checkpoints go to a separate
-folder (never over the committed ones), and the `LABKIT_CHECKPOINTS` environment variable points every later
-stage, and every notebook papermill starts, at them. Each stage resumes from its own last checkpoint when
-interrupted.
+schedule. Retraining them shows the report does not depend on anything the repository merely ships. The
+retrained checkpoints go to a separate folder (never over the committed ones), and the `LABKIT_CHECKPOINTS`
+environment variable points every later stage, and every notebook papermill starts, at them.
+
+The stages form a graph, not a line: the VAE and the stage-1 de-tokenizer do not need the MLLM, and the
+sink-emergence runs need nothing. Small models use a second core poorly, so two one-thread processes that train
+independent stages side by side finish sooner than one two-thread process training them in turn. Each stage
+runs in its own process (`python -m labkit.retrain STAGE ...`) with its log beside the checkpoints; a stage whose
+manifest is already there is kept, and an interrupted one resumes from its own last checkpoint.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import subprocess
+import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
+from .errors import LabError
 from .stages import CHECKPOINTS_ENV
 
+MANIFEST = "manifest.json"
+SINK_PARTS = ".sink_emergence"  # one file per sink-emergence run, merged into sink_emergence.json at the end
 
-def retrain_all(preset: str, folder: Path | str, progress: bool = True, schedule: str = "reference") -> dict[str, float]:
-    """Train every reference checkpoint into `folder`, in stage order; return each stage's wall seconds.
 
-    `schedule="quick"` runs the same chain with the quick schedules (minutes, not hours): a check that the
-    whole from-scratch path works, not a reproduction of the reference numbers."""
+@dataclass(frozen=True)
+class Job:
+    """One stage to train: its name (the artifact folder) and the stages whose artifacts it reads."""
+
+    name: str
+    needs: tuple[str, ...] = ()
+
+
+def retrain_jobs(schedule: str = "reference", full_study: bool = False) -> list[Job]:
+    """The stages in the order they are started when ready (longest chain first: tokenizer -> MLLM -> stage 3)."""
+    from .sink_emergence import EMERGENCE_RUNS, REFERENCE_RUNS
+
+    jobs = [Job("visual_tokenizer"), Job("judges"), Job("vae", ("judges",)), Job("mllm", ("visual_tokenizer",)),
+            Job("detokenizer", ("vae", "visual_tokenizer", "judges"))]
+    for mode in ("official", "full"):
+        jobs.append(Job(f"detokenizer_{mode}", ("detokenizer", "mllm", "visual_tokenizer", "judges")))
+    if schedule == "reference":  # the study has no quick form; notebook 05 reads the committed one otherwise
+        runs = range(len(REFERENCE_RUNS)) if full_study else EMERGENCE_RUNS
+        jobs += [Job(f"sink_emergence_{index}") for index in runs]
+    return jobs
+
+
+def train_one(name: str, folder: Path, preset: str, schedule: str, progress: bool = True) -> None:
+    """Train the one stage `name` into `folder / name` (what each process of `retrain_all` runs)."""
     from .atomic import write_text
-    from .sink_emergence import reference_study
     from .stages.stage0 import train_judges, train_stage0
     from .stages.stage1 import train_stage1, train_vae
     from .stages.stage2 import train_stage2
     from .stages.stage3 import train_stage3
 
+    out = folder / name
+    if name.startswith("sink_emergence_"):
+        from .sink_emergence import reference_run
+
+        write_text(folder / SINK_PARTS / f"{name}.json", json.dumps(reference_run(int(name.rsplit("_", 1)[1]), progress=progress)) + "\n")
+        return
+    trainers = {"visual_tokenizer": train_stage0, "judges": train_judges, "vae": train_vae, "mllm": train_stage2,
+                "detokenizer": train_stage1,
+                "detokenizer_official": lambda **kw: train_stage3(mode="official", **kw),
+                "detokenizer_full": lambda **kw: train_stage3(mode="full", **kw)}
+    trainers[name](preset=preset, schedule=schedule, out=out, progress=progress)
+
+
+def is_done(job: Job, folder: Path) -> bool:
+    """Whether an earlier run already finished this stage (its manifest or study part is there)."""
+    if job.name.startswith("sink_emergence_"):
+        return (folder / SINK_PARTS / f"{job.name}.json").is_file()
+    return (folder / job.name / MANIFEST).is_file()
+
+
+def run_jobs(jobs: list[Job], command, folder: Path, slots: int = 2, env: dict | None = None,
+             progress: bool = True, done=is_done) -> dict[str, float]:
+    """Run each job's `command(job)` (an argv) as a process once every job it needs has finished, at most `slots`
+    at a time; each process writes `folder/logs/<name>.log`. Return each job's wall seconds (0 for jobs found
+    done). A failed job stops new starts; the running ones finish, then LabError names the failure and its log."""
+    from tqdm.auto import tqdm
+
+    names = {job.name for job in jobs}
+    for job in jobs:
+        if unknown := set(job.needs) - names:
+            raise LabError(f"retrain: stage {job.name!r} needs unknown stages {sorted(unknown)}")
+    logs = folder / "logs"
+    logs.mkdir(parents=True, exist_ok=True)
+    finished = {job.name: 0.0 for job in jobs if done(job, folder)}
+    waiting = [job for job in jobs if job.name not in finished]
+    running: dict[str, tuple[subprocess.Popen, float, object]] = {}
+    failed: list[str] = []
+    bar = tqdm(total=len(jobs), initial=len(finished), desc="retrain stages", disable=not progress)
+    while waiting or running:
+        for job in list(waiting):
+            if failed or len(running) >= slots:
+                break
+            if all(need in finished for need in job.needs):
+                log = open(logs / f"{job.name}.log", "a", encoding="utf-8")
+                running[job.name] = (subprocess.Popen(command(job), stdout=log, stderr=subprocess.STDOUT,
+                                                      env=env), time.perf_counter(), log)
+                waiting.remove(job)
+        if failed and not running:
+            break
+        if not running and waiting:
+            raise LabError(f"retrain: stages {[job.name for job in waiting]} wait on each other")
+        bar.set_postfix_str(", ".join(running))
+        time.sleep(0.2)
+        for name, (process, start, log) in list(running.items()):
+            if process.poll() is None:
+                continue
+            log.close()
+            del running[name]
+            if process.returncode:
+                failed.append(name)
+            else:
+                finished[name] = round(time.perf_counter() - start, 1)
+                bar.update(1)
+    bar.close()
+    if failed:
+        raise LabError(f"retrain: stage {failed[0]} failed; see {logs / (failed[0] + '.log')}")
+    return finished
+
+
+def retrain_all(preset: str, folder: Path | str, progress: bool = True, schedule: str = "reference",
+                slots: int | None = None, full_study: bool = False) -> dict[str, float]:
+    """Train every reference checkpoint into `folder`, independent stages side by side; return each stage's
+    wall seconds, plus `"total"` (the wall time of the whole graph).
+
+    `schedule="quick"` runs the same graph with the quick schedules (minutes, not hours): a check that the whole
+    from-scratch path works, not a reproduction of the reference numbers. The sink-emergence study retrains the
+    two runs in which a sink grows; `full_study=True` adds the three runs that show none (about 60 more minutes)."""
+    from .atomic import write_text
+    from .report import ensure_dataset
+    from .sink_emergence import merge_runs
+
     folder = Path(folder).resolve()
-    os.environ[CHECKPOINTS_ENV] = str(folder)  # from here on, locate_artifact finds the retrained stages first
-    stages = [
-        ("visual_tokenizer", lambda out: train_stage0(preset, schedule, out=out, progress=progress)),
-        ("judges", lambda out: train_judges(preset, schedule, out=out, progress=progress)),
-        ("mllm", lambda out: train_stage2(preset, schedule, out=out, progress=progress)),
-        ("vae", lambda out: train_vae(preset, schedule, out=out, progress=progress)),
-        ("detokenizer", lambda out: train_stage1(preset, schedule, out=out, progress=progress)),
-        ("detokenizer_official", lambda out: train_stage3(preset, schedule, mode="official", out=out, progress=progress)),
-        ("detokenizer_full", lambda out: train_stage3(preset, schedule, mode="full", out=out, progress=progress)),
-    ]
-    if schedule == "reference":  # the study has no quick form; notebook 05 reads the committed one otherwise
-        stages.append(("sink_emergence", lambda out: write_text(out.with_suffix(".json"),
-                                                                json.dumps(reference_study(progress=progress), indent=1) + "\n")))
-    seconds = {}
-    for name, train in stages:
-        start = time.perf_counter()
-        train(folder / name)  # every stage writes into `folder`, where locate_artifact now looks first
-        seconds[name] = round(time.perf_counter() - start, 1)
+    ensure_dataset(preset, progress)  # made once here, not by two processes at the same time
+    cores = os.cpu_count() or 1
+    slots = slots or min(2, cores)
+    env = {**os.environ, CHECKPOINTS_ENV: str(folder), "OMP_NUM_THREADS": str(max(1, cores // slots))}
+    os.environ[CHECKPOINTS_ENV] = str(folder)  # the report that follows reads the retrained stages too
+
+    def command(job: Job) -> list[str]:
+        return [sys.executable, "-m", "labkit.retrain", job.name, str(folder), preset, schedule]
+
+    start = time.perf_counter()
+    jobs = retrain_jobs(schedule, full_study)
+    seconds = run_jobs(jobs, command, folder, slots, env, progress)
+    seconds["total"] = round(time.perf_counter() - start, 1)
+    parts = sorted((folder / SINK_PARTS).glob("*.json"))
+    if parts:
+        study = merge_runs([json.loads(part.read_text(encoding="utf-8")) for part in parts])
+        write_text(folder / "sink_emergence.json", json.dumps(study, indent=1) + "\n")
     write_text(folder / "retrain_seconds.json", json.dumps(seconds, indent=1) + "\n")
     return seconds
+
+
+# How far a retrained report may stand from the committed one and still count as reproducing it. Retraining on
+# another machine or thread count changes float rounding, so weights (and stories) are not bit-identical; these
+# bounds were set before the first reference retrain was measured.
+TOLERANCE = {"fid": ("relative", 0.20), "clip": ("absolute", 0.05), "char_acc": ("absolute", 0.15),
+             "style_consistency": ("absolute", 0.10), "lpips": ("absolute", 0.05)}
 
 
 def compare_reports(committed: Path | str, retrained: Path | str) -> dict[str, dict[str, float]]:
@@ -62,3 +178,27 @@ def compare_reports(committed: Path | str, retrained: Path | str) -> dict[str, d
         a, b = first[run]["metrics"]["overall"], second[run]["metrics"]["overall"]
         out[run] = {k: b[k] - a[k] for k in a if isinstance(a[k], (int, float)) and isinstance(b.get(k), (int, float))}
     return out
+
+
+def outside_tolerance(committed: Path | str, retrained: Path | str) -> list[str]:
+    """The (cell, metric) pairs of `compare_reports` that TOLERANCE does not allow, as readable lines."""
+    values = {r["run"]: r["metrics"]["overall"] for r in json.loads(Path(committed).read_text(encoding="utf-8"))["runs"]
+              if "metrics" in r}
+    lines = []
+    for run, deltas in compare_reports(committed, retrained).items():
+        for metric, delta in deltas.items():
+            if metric not in TOLERANCE:
+                continue
+            kind, bound = TOLERANCE[metric]
+            allowed = bound * abs(values[run][metric]) if kind == "relative" else bound
+            if abs(delta) > allowed:
+                lines.append(f"{run}: {metric} differs by {delta:+.3f} (allowed ±{allowed:.3f})")
+    return lines
+
+
+if __name__ == "__main__":  # one stage of retrain_all, in its own process
+    import torch
+
+    stage, target, preset_name, schedule_name = sys.argv[1:5]
+    torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
+    train_one(stage, Path(target), preset_name, schedule_name, progress=True)

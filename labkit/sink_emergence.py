@@ -190,13 +190,27 @@ REFERENCE_RUNS = (
 )
 
 
+# The two runs in which a sink grows (the optimiser levers): what `labkit report --retrain` reproduces by default.
+EMERGENCE_RUNS = tuple(i for i, (suffix, _, _) in enumerate(REFERENCE_RUNS) if suffix == ", lr 3e-3, wd 0.1")
+
+
+def reference_run(index: int, data_root=None, progress: bool = True) -> dict:
+    """Run REFERENCE_RUNS[index]; its settings are named as in the committed file."""
+    suffix, settings, fields = REFERENCE_RUNS[index]
+    run = run_study(EmergenceConfig(**fields), data_root, settings=settings, progress=progress)
+    run["settings"] = {setting + suffix: result for setting, result in run["settings"].items()}
+    return run
+
+
+def merge_runs(runs: list[dict]) -> dict:
+    """One study file from several runs: the first run's header, every run's settings."""
+    merged = {**runs[0], "settings": {}}
+    for run in runs:
+        merged["settings"].update(run["settings"])
+    return merged
+
+
 def reference_study(data_root=None, progress: bool = True) -> dict:
     """Every run of REFERENCE_RUNS (about 100 CPU minutes on one thread), named as in the committed file.
     One of them from the CLI: `labkit sink-study --steps 1600 --lr 3e-3 --weight-decay 0.1 --settings backcopy`."""
-    results = None
-    for suffix, settings, fields in REFERENCE_RUNS:
-        run = run_study(EmergenceConfig(**fields), data_root, settings=settings, progress=progress)
-        named = {setting + suffix: result for setting, result in run["settings"].items()}
-        results = run if results is None else results
-        results["settings"].update(named)
-    return results
+    return merge_runs([reference_run(index, data_root, progress) for index in range(len(REFERENCE_RUNS))])

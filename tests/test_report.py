@@ -174,3 +174,53 @@ def test_retrained_checkpoints_take_the_place_of_the_committed_ones(monkeypatch,
     (tmp_path / "mllm").mkdir()
     (tmp_path / "mllm" / "manifest.json").write_text("{}")
     assert locate_artifact("mllm", "tiny") == tmp_path / "mllm"
+
+
+def _recording_command(folder, fail=()):
+    """argv of a job that appends 'start NAME' and 'end NAME' to folder/order.txt (exit 1 for names in `fail`)."""
+    import sys
+
+    def command(job):
+        code = (f"import time, pathlib; p = pathlib.Path({str(folder / 'order.txt')!r}); "
+                f"f = open(p, 'a'); f.write('start {job.name}\\n'); f.flush(); time.sleep(0.3); "
+                f"f.write('end {job.name}\\n'); f.close(); raise SystemExit({int(job.name in fail)})")
+        return [sys.executable, "-c", code]
+    return command
+
+
+def test_retrain_graph_starts_a_stage_only_after_what_it_needs(tmp_path):
+    from labkit.retrain import Job, run_jobs
+
+    jobs = [Job("tokenizer"), Job("judges"), Job("mllm", ("tokenizer",)), Job("adapt", ("mllm", "judges"))]
+    seconds = run_jobs(jobs, _recording_command(tmp_path), tmp_path, slots=2, progress=False, done=lambda job, folder: False)
+    assert set(seconds) == {"tokenizer", "judges", "mllm", "adapt"}
+    order = (tmp_path / "order.txt").read_text().split("\n")
+    assert order.index("start mllm") > order.index("end tokenizer")
+    assert order.index("start adapt") > max(order.index("end mllm"), order.index("end judges"))
+    assert order[:2] == ["start tokenizer", "start judges"] or order[:2] == ["start judges", "start tokenizer"]  # side by side
+    assert (tmp_path / "logs" / "mllm.log").is_file()
+
+
+def test_retrain_graph_stops_at_a_failed_stage_and_names_its_log(tmp_path):
+    from labkit.errors import LabError
+    from labkit.retrain import Job, run_jobs
+
+    jobs = [Job("tokenizer"), Job("mllm", ("tokenizer",))]
+    with pytest.raises(LabError, match=r"stage tokenizer failed; see .*tokenizer\.log"):
+        run_jobs(jobs, _recording_command(tmp_path, fail=("tokenizer",)), tmp_path, progress=False, done=lambda job, folder: False)
+    assert "start mllm" not in (tmp_path / "order.txt").read_text()
+    finished = run_jobs(jobs, _recording_command(tmp_path), tmp_path, progress=False, done=lambda job, folder: job.name == "tokenizer")
+    assert finished["tokenizer"] == 0.0 and finished["mllm"] > 0  # a finished stage is kept, not trained again
+    with pytest.raises(LabError, match="unknown stages"):
+        run_jobs([Job("mllm", ("nothing",))], _recording_command(tmp_path), tmp_path, progress=False)
+
+
+def test_retrain_runs_every_stage_and_the_two_sink_emergence_runs():
+    from labkit.retrain import retrain_jobs
+    from labkit.sink_emergence import REFERENCE_RUNS
+
+    names = [job.name for job in retrain_jobs("reference")]
+    assert names[:7] == ["visual_tokenizer", "judges", "vae", "mllm", "detokenizer", "detokenizer_official", "detokenizer_full"]
+    assert [REFERENCE_RUNS[int(n.rsplit("_", 1)[1])][0] for n in names[7:]] == [", lr 3e-3, wd 0.1"] * 2
+    assert len(retrain_jobs("reference", full_study=True)) == 7 + len(REFERENCE_RUNS)
+    assert len(retrain_jobs("quick")) == 7
