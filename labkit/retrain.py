@@ -110,7 +110,8 @@ def run_jobs(jobs: list[Job], command, folder: Path, slots: int = 2, env: dict |
             break
         if not running and waiting:
             raise LabError(f"retrain: stages {[job.name for job in waiting]} wait on each other")
-        bar.set_postfix_str(", ".join(running))
+        if bar.postfix != ", ".join(running):  # redraw only on change: the bar may be going to a log file
+            bar.set_postfix_str(", ".join(running))
         time.sleep(0.2)
         for name, (process, start, log) in list(running.items()):
             if process.poll() is None:
