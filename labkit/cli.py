@@ -97,22 +97,26 @@ def _report(args: argparse.Namespace) -> int:
 
         # the retrained report goes beside the committed one, never over it, so the two can be compared
         out = out or project_root() / "reports" / f"{args.preset}-retrained-{args.retrain_schedule}"
-        seconds = retrain_all(args.preset, artifacts_folder(args.preset) / f"retrained-{args.retrain_schedule}",
+        retrained_folder = artifacts_folder(args.preset) / f"retrained-{args.retrain_schedule}"
+        seconds = retrain_all(args.preset, retrained_folder,
                               progress=not args.quiet, schedule=args.retrain_schedule, full_study=args.retrain_full_study)
         print(f"retrained every stage ({args.retrain_schedule} schedules) in {seconds['total'] / 60:.1f} min wall: {seconds}")
     index, failed = run_report(preset=args.preset, out=out,
                                grid=Path(args.grid) if args.grid else None, progress=not args.quiet,
                                course=not args.grid_only, data_root=args.data, rerun=args.rerun or args.retrain)
     print(f"report: {index}")
-    committed = project_root() / "reports" / args.preset / "summary.json"
-    if args.retrain and committed.is_file():
-        from .retrain import compare_reports, outside_tolerance
+    if args.retrain and (project_root() / "reports" / args.preset / "summary.json").is_file():
+        from .retrain import write_comparison
 
-        for run, deltas in compare_reports(committed, index.parent / "summary.json").items():
+        comparison = write_comparison(args.preset, index.parent, retrained_folder)
+        for stage, values in comparison["checkpoints"].items():
+            print(f"checkpoint {stage}: committed -> retrained " + ", ".join(f"{k} {a:.3f}->{b:.3f}" for k, (a, b) in values.items()))
+        for run, deltas in comparison["cells"].items():
             print(f"{run}: retrained - committed " + ", ".join(f"{k} {v:+.3f}" for k, v in deltas.items()))
-        outside = outside_tolerance(committed, index.parent / "summary.json")
+        outside = comparison["outside_tolerance"]
         print("every metric within labkit.retrain.TOLERANCE of the committed report" if not outside else
               "outside labkit.retrain.TOLERANCE:\n  " + "\n  ".join(outside))
+        print(f"comparison: {index.parent / 'comparison.json'}")
     for run in failed:
         print(f"FAILED {run['run']}: {run['error']} (partial notebook: {run.get('partial')})", file=sys.stderr)
     return 1 if failed else 0

@@ -97,6 +97,7 @@ def run_jobs(jobs: list[Job], command, folder: Path, slots: int = 2, env: dict |
     running: dict[str, tuple[subprocess.Popen, float, object]] = {}
     failed: list[str] = []
     bar = tqdm(total=len(jobs), initial=len(finished), desc="retrain stages", disable=not progress)
+    shown = ""
     while waiting or running:
         for job in list(waiting):
             if failed or len(running) >= slots:
@@ -110,8 +111,9 @@ def run_jobs(jobs: list[Job], command, folder: Path, slots: int = 2, env: dict |
             break
         if not running and waiting:
             raise LabError(f"retrain: stages {[job.name for job in waiting]} wait on each other")
-        if bar.postfix != ", ".join(running):  # redraw only on change: the bar may be going to a log file
-            bar.set_postfix_str(", ".join(running))
+        if shown != ", ".join(running):  # redraw only on change: the bar may be going to a log file
+            shown = ", ".join(running)
+            bar.set_postfix_str(shown)
         time.sleep(0.2)
         for name, (process, start, log) in list(running.items()):
             if process.poll() is None:
@@ -181,6 +183,36 @@ def compare_reports(committed: Path | str, retrained: Path | str) -> dict[str, d
     return out
 
 
+def _numbers(tree: dict, prefix: str = "") -> dict[str, float]:
+    """The numeric leaves of a nested dict, keyed by their dotted path."""
+    out = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            out.update(_numbers(value, f"{prefix}{key}."))
+        elif isinstance(value, (int, float)) and not isinstance(value, bool):
+            out[prefix + key] = float(value)
+    return out
+
+
+def compare_checkpoints(committed: Path | str, retrained: Path | str) -> dict[str, dict[str, tuple[float, float]]]:
+    """Per stage present in both folders, each manifest metric as (committed, retrained), plus the sink-emergence
+    settings' strongest-head BOS ratio: what a reader checks to see that retraining reproduced the checkpoints."""
+    committed, retrained = Path(committed), Path(retrained)
+    out = {}
+    for manifest in sorted(retrained.glob(f"*/{MANIFEST}")):
+        other = committed / manifest.parent.name / MANIFEST
+        if other.is_file():
+            a = _numbers(json.loads(other.read_text(encoding="utf-8")).get("metrics", {}))
+            b = _numbers(json.loads(manifest.read_text(encoding="utf-8")).get("metrics", {}))
+            out[manifest.parent.name] = {key: (a[key], b[key]) for key in a if key in b}
+    study_a, study_b = committed / "sink_emergence.json", retrained / "sink_emergence.json"
+    if study_a.is_file() and study_b.is_file():
+        a, b = (json.loads(f.read_text(encoding="utf-8"))["settings"] for f in (study_a, study_b))
+        out["sink_emergence"] = {f"{name}.{key}": (a[name][key], b[name][key]) for name in b if name in a
+                                 for key in ("max_bos_ratio", "max_bos_ratio_head") if key in a[name] and key in b[name]}
+    return out
+
+
 def outside_tolerance(committed: Path | str, retrained: Path | str) -> list[str]:
     """The (cell, metric) pairs of `compare_reports` that TOLERANCE does not allow, as readable lines."""
     values = {r["run"]: r["metrics"]["overall"] for r in json.loads(Path(committed).read_text(encoding="utf-8"))["runs"]
@@ -195,6 +227,25 @@ def outside_tolerance(committed: Path | str, retrained: Path | str) -> list[str]
             if abs(delta) > allowed:
                 lines.append(f"{run}: {metric} differs by {delta:+.3f} (allowed ±{allowed:.3f})")
     return lines
+
+
+def write_comparison(preset: str, retrained_report: Path, retrained_folder: Path) -> dict:
+    """Committed vs retrained (checkpoint metrics, per-cell metric differences, what TOLERANCE does not allow),
+    written to `retrained_report/comparison.json` and returned."""
+    from .atomic import write_text
+    from .report import project_root
+
+    committed_report = project_root() / "reports" / preset / "summary.json"
+    seconds = retrained_folder / "retrain_seconds.json"
+    comparison = {
+        "retrain_seconds": json.loads(seconds.read_text(encoding="utf-8")) if seconds.is_file() else None,
+        "tolerance": TOLERANCE,
+        "checkpoints": compare_checkpoints(project_root() / "checkpoints" / preset, retrained_folder),
+        "cells": compare_reports(committed_report, retrained_report / "summary.json"),
+        "outside_tolerance": outside_tolerance(committed_report, retrained_report / "summary.json"),
+    }
+    write_text(retrained_report / "comparison.json", json.dumps(comparison, indent=1) + "\n")
+    return comparison
 
 
 if __name__ == "__main__":  # one stage of retrain_all, in its own process

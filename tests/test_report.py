@@ -224,3 +224,22 @@ def test_retrain_runs_every_stage_and_the_two_sink_emergence_runs():
     assert [REFERENCE_RUNS[int(n.rsplit("_", 1)[1])][0] for n in names[7:]] == [", lr 3e-3, wd 0.1"] * 2
     assert len(retrain_jobs("reference", full_study=True)) == 7 + len(REFERENCE_RUNS)
     assert len(retrain_jobs("quick")) == 7
+
+
+def test_retrained_metrics_are_compared_within_the_stated_tolerance(tmp_path):
+    from labkit.retrain import compare_checkpoints, outside_tolerance
+
+    def summary(name, fid, clip):
+        path = tmp_path / name
+        path.write_text(json.dumps({"runs": [{"run": "cell", "metrics": {"overall": {"fid": fid, "clip": clip, "lpips": None}}},
+                                              {"run": "broken", "error": "x"}]}))
+        return path
+
+    committed = summary("a.json", 5.0, 0.50)
+    assert outside_tolerance(committed, summary("b.json", 5.9, 0.54)) == []  # 18% and 0.04: allowed
+    lines = outside_tolerance(committed, summary("c.json", 6.1, 0.44))
+    assert len(lines) == 2 and lines[0].startswith("cell: fid differs by +1.100 (allowed ±1.000)")
+    for folder, accuracy in (("old", 0.5), ("new", 0.6)):
+        (tmp_path / folder / "vae").mkdir(parents=True)
+        (tmp_path / folder / "vae" / "manifest.json").write_text(json.dumps({"metrics": {"test": {"character_accuracy": accuracy, "lpips_backbone": "x"}}}))
+    assert compare_checkpoints(tmp_path / "old", tmp_path / "new") == {"vae": {"test.character_accuracy": (0.5, 0.6)}}
