@@ -22,10 +22,10 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from .artifacts import MANIFEST
 from .errors import LabError
 from .stages import CHECKPOINTS_ENV
 
-MANIFEST = "manifest.json"
 SINK_PARTS = ".sink_emergence"  # one file per sink-emergence run, merged into sink_emergence.json at the end
 
 
