@@ -60,10 +60,10 @@ def train_one(name: str, folder: Path, preset: str, schedule: str, progress: boo
     from .stages.stage3 import train_stage3
 
     out = folder / name
-    if name.startswith("sink_emergence_"):
+    if (part := _study_part(folder, name)) is not None:
         from .sink_emergence import reference_run
 
-        write_text(folder / SINK_PARTS / f"{name}.json", json.dumps(reference_run(int(name.rsplit("_", 1)[1]), progress=progress)) + "\n")
+        write_text(part, json.dumps(reference_run(int(name.rsplit("_", 1)[1]), progress=progress)) + "\n")
         return
     trainers = {"visual_tokenizer": train_stage0, "judges": train_judges, "vae": train_vae, "mllm": train_stage2,
                 "detokenizer": train_stage1,
@@ -72,11 +72,15 @@ def train_one(name: str, folder: Path, preset: str, schedule: str, progress: boo
     trainers[name](preset=preset, schedule=schedule, out=out, progress=progress)
 
 
+def _study_part(folder: Path, name: str) -> Path | None:
+    """Where the sink-emergence job `name` writes its run; None for a training stage."""
+    return folder / SINK_PARTS / f"{name}.json" if name.startswith("sink_emergence_") else None
+
+
 def is_done(job: Job, folder: Path) -> bool:
     """Whether an earlier run already finished this stage (its manifest or study part is there)."""
-    if job.name.startswith("sink_emergence_"):
-        return (folder / SINK_PARTS / f"{job.name}.json").is_file()
-    return (folder / job.name / MANIFEST).is_file()
+    part = _study_part(folder, job.name)
+    return (part if part is not None else folder / job.name / MANIFEST).is_file()
 
 
 def run_jobs(jobs: list[Job], command, folder: Path, slots: int = 2, env: dict | None = None,

@@ -191,7 +191,7 @@ REFERENCE_RUNS = (
 
 
 # The two runs in which a sink grows (the optimiser levers): what `labkit report --retrain` reproduces by default.
-EMERGENCE_RUNS = tuple(i for i, (suffix, _, _) in enumerate(REFERENCE_RUNS) if suffix == ", lr 3e-3, wd 0.1")
+EMERGENCE_RUNS = tuple(i for i, (_, _, fields) in enumerate(REFERENCE_RUNS) if LEVER.items() <= fields.items())
 
 
 def reference_run(index: int, data_root=None, progress: bool = True) -> dict:
