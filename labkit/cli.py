@@ -109,6 +109,8 @@ def _report(args: argparse.Namespace) -> int:
         from .retrain import write_comparison
 
         comparison = write_comparison(args.preset, index.parent, retrained_folder)
+        same = [stage for stage, identical in comparison["identical_weights"].items() if identical]
+        print(f"weights byte-for-byte the committed ones: {', '.join(same) or 'none'}")
         for stage, values in comparison["checkpoints"].items():
             print(f"checkpoint {stage}: committed -> retrained " + ", ".join(f"{k} {a:.3f}->{b:.3f}" for k, (a, b) in values.items()))
         for run, deltas in comparison["cells"].items():

@@ -217,6 +217,27 @@ def compare_checkpoints(committed: Path | str, retrained: Path | str) -> dict[st
     return out
 
 
+def _file_digest(path: Path) -> str:
+    import hashlib
+
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def compare_weights(committed: Path | str, retrained: Path | str) -> dict[str, bool]:
+    """Per stage retrained, whether every weight file (`*.safetensors`) is byte-for-byte the committed one: the
+    strongest form of reproduction, reached when both were trained with the same thread count (float rounding
+    depends on how a reduction is split between threads)."""
+    committed, retrained = Path(committed), Path(retrained)
+    out = {}
+    for manifest in sorted(retrained.glob(f"*/{MANIFEST}")):
+        stage_a, stage_b = committed / manifest.parent.name, manifest.parent
+        files_a = {p.relative_to(stage_a) for p in stage_a.rglob("*.safetensors")}
+        files_b = {p.relative_to(stage_b) for p in stage_b.rglob("*.safetensors")}
+        out[stage_b.name] = (files_a == files_b and bool(files_a)
+                             and all(_file_digest(stage_a / f) == _file_digest(stage_b / f) for f in files_a))
+    return out
+
+
 def outside_tolerance(committed: Path | str, retrained: Path | str) -> list[str]:
     """The (cell, metric) pairs of `compare_reports` that TOLERANCE does not allow, as readable lines."""
     values = {r["run"]: r["metrics"]["overall"] for r in json.loads(Path(committed).read_text(encoding="utf-8"))["runs"]
@@ -234,8 +255,8 @@ def outside_tolerance(committed: Path | str, retrained: Path | str) -> list[str]
 
 
 def write_comparison(preset: str, retrained_report: Path, retrained_folder: Path) -> dict:
-    """Committed vs retrained (checkpoint metrics, per-cell metric differences, what TOLERANCE does not allow),
-    written to `retrained_report/comparison.json` and returned."""
+    """Committed vs retrained (weights byte for byte, checkpoint metrics, per-cell metric differences, what
+    TOLERANCE does not allow), written to `retrained_report/comparison.json` and returned."""
     from .atomic import write_text
     from .report import project_root
 
@@ -244,6 +265,7 @@ def write_comparison(preset: str, retrained_report: Path, retrained_folder: Path
     comparison = {
         "retrain_seconds": json.loads(seconds.read_text(encoding="utf-8")) if seconds.is_file() else None,
         "tolerance": TOLERANCE,
+        "identical_weights": compare_weights(project_root() / "checkpoints" / preset, retrained_folder),
         "checkpoints": compare_checkpoints(project_root() / "checkpoints" / preset, retrained_folder),
         "cells": compare_reports(committed_report, retrained_report / "summary.json"),
         "outside_tolerance": outside_tolerance(committed_report, retrained_report / "summary.json"),

@@ -243,3 +243,19 @@ def test_retrained_metrics_are_compared_within_the_stated_tolerance(tmp_path):
         (tmp_path / folder / "vae").mkdir(parents=True)
         (tmp_path / folder / "vae" / "manifest.json").write_text(json.dumps({"metrics": {"test": {"character_accuracy": accuracy, "lpips_backbone": "x"}}}))
     assert compare_checkpoints(tmp_path / "old", tmp_path / "new") == {"vae": {"test.character_accuracy": (0.5, 0.6)}}
+
+
+def test_retrained_weights_are_compared_bit_for_bit(tmp_path):
+    from safetensors.torch import save_file
+
+    from labkit.retrain import compare_weights
+
+    for folder, value in (("old", 1.0), ("new", 1.0), ("other", 1.0 + 1e-7)):
+        for stage in ("vae", "mllm"):
+            (tmp_path / folder / stage / "unet").mkdir(parents=True)
+            (tmp_path / folder / stage / "manifest.json").write_text("{}")
+            save_file({"w": torch.full((3,), value)}, tmp_path / folder / stage / "unet" / "model.safetensors")
+    assert compare_weights(tmp_path / "old", tmp_path / "new") == {"mllm": True, "vae": True}
+    assert compare_weights(tmp_path / "old", tmp_path / "other") == {"mllm": False, "vae": False}
+    (tmp_path / "new" / "vae" / "unet" / "model.safetensors").unlink()  # a file missing on one side is a difference
+    assert compare_weights(tmp_path / "old", tmp_path / "new")["vae"] is False
