@@ -219,12 +219,6 @@ def compare_checkpoints(committed: Path | str, retrained: Path | str) -> dict[st
     return out
 
 
-def _file_digest(path: Path) -> str:
-    import hashlib
-
-    return hashlib.sha256(path.read_bytes()).hexdigest()
-
-
 def compare_weights(committed: Path | str, retrained: Path | str) -> dict[str, bool]:
     """Per stage retrained, whether every weight file (`*.safetensors`) is byte-for-byte the committed one: the
     strongest form of reproduction, reached when both were trained with the same thread count (float rounding
@@ -236,7 +230,7 @@ def compare_weights(committed: Path | str, retrained: Path | str) -> dict[str, b
         files_a = {p.relative_to(stage_a) for p in stage_a.rglob("*.safetensors")}
         files_b = {p.relative_to(stage_b) for p in stage_b.rglob("*.safetensors")}
         out[stage_b.name] = (files_a == files_b and bool(files_a)
-                             and all(_file_digest(stage_a / f) == _file_digest(stage_b / f) for f in files_a))
+                             and all((stage_a / f).read_bytes() == (stage_b / f).read_bytes() for f in files_a))
     return out
 
 
