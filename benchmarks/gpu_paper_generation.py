@@ -21,8 +21,8 @@ import torch
 
 def build(preset_name: str, vocab: int, device: torch.device):
     """The model built directly on the device in bf16 (random initialisation, buffers computed there)."""
-    from labkit.mllm import SeedStoryMLLM
-    from labkit.presets import get_preset
+    from labkit.core.presets import get_preset
+    from labkit.models.mllm import SeedStoryMLLM
 
     preset = get_preset(preset_name)
     torch.set_default_dtype(torch.bfloat16)
@@ -45,12 +45,12 @@ def main() -> None:
     args = parser.parse_args()
 
     from labkit.data.storystream_mini import load_tokenizer
-    from labkit.generate import generate_story
+    from labkit.inference.generate import generate_story
 
     device = torch.device("cpu" if args.cpu_smoke else "cuda")
     tokenizer = load_tokenizer("data_samples/storystream-mini")
-    from labkit.mllm import paper_vocab_size
-    from labkit.presets import get_preset
+    from labkit.core.presets import get_preset
+    from labkit.models.mllm import paper_vocab_size
 
     vocab = paper_vocab_size(get_preset(args.preset)) if args.preset == "paper" else tokenizer.vocab_size + 64
     start = time.perf_counter()
@@ -58,32 +58,66 @@ def main() -> None:
     build_seconds = time.perf_counter() - start
     segment_tokens = args.caption_tokens + 1 + preset.mllm.num_queries + 2
     window = 10 * segment_tokens  # the paper's sink window = the training length, 10 segments
-    policies = {"dense": {}, "mm-sink": {"sink": 4, "window": window, "cap": window + 4 + 24 * 16}, "recompute-window": {}}
-    first = torch.randn(preset.visual_tokenizer.num_features, preset.visual_tokenizer.feature_dim, device=device, dtype=torch.bfloat16)
+    policies = {
+        "dense": {},
+        "mm-sink": {"sink": 4, "window": window, "cap": window + 4 + 24 * 16},
+        "recompute-window": {},
+    }
+    first = torch.randn(
+        preset.visual_tokenizer.num_features, preset.visual_tokenizer.feature_dim, device=device, dtype=torch.bfloat16
+    )
     opening = "Once upon a time, Mira, a small red round creature with a yellow hat, lived in the quiet forest."
-    report = {"check": "25 story segments at the paper's sizes, random bf16 weights", "device": torch.cuda.get_device_name(0) if device.type == "cuda" else "cpu (smoke)",
-              "torch": torch.__version__, "parameters": sum(p.numel() for p in model.parameters()), "build_seconds": round(build_seconds, 1),
-              "caption_tokens": args.caption_tokens, "image_slots": preset.mllm.num_queries, "policies": {}}
+    report = {
+        "check": "25 story segments at the paper's sizes, random bf16 weights",
+        "device": torch.cuda.get_device_name(0) if device.type == "cuda" else "cpu (smoke)",
+        "torch": torch.__version__,
+        "parameters": sum(p.numel() for p in model.parameters()),
+        "build_seconds": round(build_seconds, 1),
+        "caption_tokens": args.caption_tokens,
+        "image_slots": preset.mllm.num_queries,
+        "policies": {},
+    }
     import transformers
 
     report["transformers"] = transformers.__version__
     with torch.autocast(device.type, dtype=torch.bfloat16):
-        generate_story(model, tokenizer, opening, first, 2, "dense", {}, max_caption_tokens=4, fixed_caption_tokens=True)  # warm-up
+        generate_story(
+            model, tokenizer, opening, first, 2, "dense", {}, max_caption_tokens=4, fixed_caption_tokens=True
+        )  # warm-up
         for policy, params in policies.items():
             if device.type == "cuda":
                 torch.cuda.synchronize()
                 torch.cuda.reset_peak_memory_stats()
-            run = generate_story(model, tokenizer, opening, first, args.segments, policy, params, recompute_segments=8,
-                                 max_caption_tokens=args.caption_tokens, fixed_caption_tokens=True)
+            run = generate_story(
+                model,
+                tokenizer,
+                opening,
+                first,
+                args.segments,
+                policy,
+                params,
+                recompute_segments=8,
+                max_caption_tokens=args.caption_tokens,
+                fixed_caption_tokens=True,
+            )
             steps = run.steps
             report["policies"][policy] = {
-                "params": params, "seconds_per_segment": [round(s.seconds, 4) for s in steps],
+                "params": params,
+                "seconds_per_segment": [round(s.seconds, 4) for s in steps],
                 "mean_seconds_per_segment_last5": round(sum(s.seconds for s in steps[-5:]) / 5, 4),
-                "kv_bytes_per_segment": [s.kv_bytes for s in steps], "kv_gib_at_end": round(steps[-1].kv_bytes / 2**30, 3),
-                "kv_entries_at_end": steps[-1].kv_entries, "tokens": len(run.token_ids),
-                "peak_memory_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2) if device.type == "cuda" else None,
+                "kv_bytes_per_segment": [s.kv_bytes for s in steps],
+                "kv_gib_at_end": round(steps[-1].kv_bytes / 2**30, 3),
+                "kv_entries_at_end": steps[-1].kv_entries,
+                "tokens": len(run.token_ids),
+                "peak_memory_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2)
+                if device.type == "cuda"
+                else None,
             }
-            print(policy, json.dumps({k: v for k, v in report["policies"][policy].items() if "per_segment" not in k}), flush=True)
+            print(
+                policy,
+                json.dumps({k: v for k, v in report["policies"][policy].items() if "per_segment" not in k}),
+                flush=True,
+            )
     Path(args.out).write_text(json.dumps(report, indent=2) + "\n")
 
 

@@ -6,7 +6,9 @@ import pytest
 
 from labkit.data.storystream_mini import MakeConfig, make_dataset
 
-SMALL = MakeConfig(train_stories=4, val_stories=1, test_stories=1, frames=12, size=32, seed=7, bpe_merges=200, image_tokens=8)
+SMALL = MakeConfig(
+    train_stories=4, val_stories=1, test_stories=1, frames=12, size=32, seed=7, bpe_merges=200, image_tokens=8
+)
 
 
 @pytest.fixture(scope="session")

@@ -1,6 +1,7 @@
 """KV-cache policies for long story generation: dense, window, StreamingLLM sink, SEED-Story sinks.
 
-DESIGN §5; brief §4 (what the official `img_head_tail` code does); attention_sinks_and_peers.md §A.
+Paper §3.2 and Table 2; official `src/inference/vis_george_sink.py` (`img_head_tail`); StreamingLLM;
+docs/paper_to_code.md, "Multimodal attention sink".
 
     cache = make_cache("mm-sink", model.config, window=256, sink=4, cap=512,
                        num_image_tokens=64, boi_id=BOI, eoi_id=EOI)
@@ -14,8 +15,10 @@ Policies, sizes in tokens:
 | dense | everything | absolute (equals DynamicCache) |
 | window | last `window` | slots 0..n-1, re-rotated |
 | sink | first `sink` + last `window` | slots 0..n-1, re-rotated |
-| mm-sink | first `sink` + zones around `<img>`/`</img>` of earlier images + last `window`, <= `cap` | slots 0..n-1, re-rotated |
-| mm-sink-as-coded | the official `img_head_tail` slices, window of `window_images` images | as computed, never re-rotated |
+| mm-sink | first `sink` + image zones (a) + last `window`, <= `cap` | slots 0..n-1, re-rotated |
+| mm-sink-as-coded | the official `img_head_tail` slices (b) | as computed, never re-rotated |
+
+(a) zones around `<img>`/`</img>` of earlier images; (b) window of `window_images` images.
 
 New tokens always take the positions right after the held entries (`get_seq_length()`), which is
 what Llama does when no `position_ids` are passed.
@@ -28,13 +31,22 @@ from typing import Any
 import torch
 from transformers import LlamaConfig
 
-from ..errors import ParameterError
-from .image_sinks import AsCodedPolicy, MultimodalSinkPolicy
-from .params import POLICIES, CacheParams, parse_params, scaled_slots
-from .policies import DensePolicy, Policy, SinkPolicy, WindowPolicy
-from .policy_cache import PolicyCache
+from labkit.caches.image_sinks import AsCodedPolicy, MultimodalSinkPolicy
+from labkit.caches.params import POLICIES, CacheParams, parse_params, scaled_slots
+from labkit.caches.policies import DensePolicy, Policy, SinkPolicy, WindowPolicy
+from labkit.caches.policy_cache import PolicyCache
+from labkit.core.errors import ParameterError
 
-__all__ = ["POLICIES", "CacheParams", "PolicyCache", "Policy", "make_cache", "make_policy", "forward_with_cache", "scaled_slots"]
+__all__ = [
+    "POLICIES",
+    "CacheParams",
+    "PolicyCache",
+    "Policy",
+    "make_cache",
+    "make_policy",
+    "forward_with_cache",
+    "scaled_slots",
+]
 
 
 def make_policy(policy: str, **params: Any) -> Policy:
@@ -64,7 +76,13 @@ def make_cache(policy: str, model_config: LlamaConfig, **params: Any) -> PolicyC
     return PolicyCache(chosen, model_config)
 
 
-def forward_with_cache(model: torch.nn.Module, cache: PolicyCache, input_ids: torch.Tensor, inputs_embeds: torch.Tensor | None = None, **kwargs: Any):
+def forward_with_cache(
+    model: torch.nn.Module,
+    cache: PolicyCache,
+    input_ids: torch.Tensor,
+    inputs_embeds: torch.Tensor | None = None,
+    **kwargs: Any,
+):
     """One forward through `cache`: tell it the token ids, then run the model (without position_ids).
 
     Pass `inputs_embeds` to feed image features in the slots; `input_ids` still says which tokens they are.

@@ -1,6 +1,6 @@
 """SEED-Story's multimodal attention sink: keep the tokens around `<img>`/`</img>` of evicted images.
 
-Two policies (DESIGN §5, brief §4):
+Two policies (paper §3.2; docs/paper_to_code.md, "Multimodal attention sink"):
 
 * `MultimodalSinkPolicy` ("mm-sink", the corrected reading of the paper): the first `sink` tokens, the
   last `window` tokens, and for every image a *zone* of tokens next to its boundaries: `text_before`
@@ -19,8 +19,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Sequence
 
-from .params import OFFICIAL_START, OFFICIAL_TEXT_AFTER, OFFICIAL_TEXT_BEFORE, CacheParams
-from .policies import Policy
+from labkit.caches.params import OFFICIAL_START, OFFICIAL_TEXT_AFTER, OFFICIAL_TEXT_BEFORE, CacheParams
+from labkit.caches.policies import Policy
 
 
 @dataclass
@@ -45,7 +45,9 @@ class ImageLayout:
             expected_eoi = None if open_image is None else open_image.boi + self.num_image_tokens + 1
             if token == self.boi_id:
                 if open_image is not None:
-                    raise ValueError(f"<img> at position {pos}, but the image opened at {open_image.boi} has no </img> yet")
+                    raise ValueError(
+                        f"<img> at position {pos}, but the image opened at {open_image.boi} has no </img> yet"
+                    )
                 self.images.append(ImageSpan(pos))
             elif token == self.eoi_id or pos == expected_eoi:
                 if pos != expected_eoi or token != self.eoi_id:
@@ -122,7 +124,7 @@ class MultimodalSinkPolicy(Policy):
 
 
 class AsCodedPolicy(Policy):
-    """The official `img_head_tail` eviction (brief §4), streamed token by token.
+    """The official `img_head_tail` eviction (`src/inference/vis_george_sink.py`), streamed token by token.
 
     What the official loop does between segments, and what this policy does at the end of the forward
     in which the (window_images+1)-th complete image of the context gets its `</img>`:

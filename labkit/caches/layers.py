@@ -3,7 +3,7 @@
 The model calls `update` with the keys (already rotated by RoPE) and values of the tokens of this
 forward. A layer returns *everything the current tokens may attend to* (held entries + new ones) and
 only then applies the step's eviction plan, so the current step never loses context it should see
-(DESIGN §5). The plan is computed once per forward by `PolicyCache` and shared by all layers.
+(see `policy_cache.py`). The plan is computed once per forward by `PolicyCache` and shared by all layers.
 
 Tensors are [batch, kv_heads, entries, head_dim]; every row of the batch holds the same entries.
 """
@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import torch
 from transformers.cache_utils import CacheLayerMixin
 
-from .rope import Rotary
+from labkit.caches.rope import Rotary
 
 
 @dataclass

@@ -1,8 +1,8 @@
-"""Parameters of the KV-cache policies, checked before any work is done (DESIGN §5).
+"""Parameters of the KV-cache policies, checked before any work is done (paper §3.2, Table 2).
 
 Sizes are in tokens. Every mistake a user can make (an unknown policy, a typo in a keyword, a
 non-positive size, a window smaller than the sink, a missing required size) raises
-`labkit.errors.ParameterError` naming the parameter, so a CLI can report it without a traceback.
+`labkit.core.errors.ParameterError` naming the parameter, so a CLI can report it without a traceback.
 """
 
 from __future__ import annotations
@@ -10,11 +10,11 @@ from __future__ import annotations
 from dataclasses import dataclass, fields, replace
 from typing import Any
 
-from ..errors import ParameterError
+from labkit.core.errors import ParameterError
 
 POLICIES = ("dense", "window", "sink", "mm-sink", "mm-sink-as-coded")
 
-# Slot counts of the official `img_head_tail` selection, written for 64 image slots (brief §4):
+# Slot counts of the official `img_head_tail` selection, written for 64 image slots (official `vis_george_sink.py`):
 # kv[boi-4 : boi+8] keeps 7 slots after <img>, kv[eoi-8 : eoi+4] keeps 8 slots before </img>.
 OFFICIAL_SLOTS = 64
 OFFICIAL_HEAD_SLOTS = 7
@@ -51,7 +51,7 @@ class CacheParams:
     head_slots: int | None = None  # mm-sink: slots kept after <img> (default 7·Q/64)
     tail_slots: int | None = None  # mm-sink: slots kept before </img> (default 8·Q/64)
     text_after: int = OFFICIAL_TEXT_AFTER  # mm-sink: tokens kept after </img>
-    window_images: int = 8  # mm-sink-as-coded: images kept in context (brief §4)
+    window_images: int = 8  # mm-sink-as-coded: images kept in context (`vis_george_sink.py`)
 
     @property
     def image_group(self) -> int:

@@ -38,7 +38,7 @@ class DensePolicy(Policy):
 
 
 class WindowPolicy(Policy):
-    """The last `window` tokens (window attention; collapses once the first tokens leave, §A2)."""
+    """The last `window` tokens (window attention; collapses once the first tokens leave, per attention_sinks)."""
 
     name = "window"
     rerotates = True
@@ -56,7 +56,7 @@ class WindowPolicy(Policy):
 
 
 class SinkPolicy(Policy):
-    """StreamingLLM: the first `sink` tokens plus the last `window` (§A1; window counted apart from the sink)."""
+    """StreamingLLM: the first `sink` tokens plus the last `window` (the window counted apart from the sink)."""
 
     name = "sink"
     rerotates = True

@@ -1,4 +1,4 @@
-"""`PolicyCache`: a transformers `Cache` whose eviction is decided by a `Policy` (DESIGN §5).
+"""`PolicyCache`: a transformers `Cache` whose eviction is decided by a `Policy`.
 
 How a forward of `LlamaForCausalLM` (transformers 5.x) meets the cache:
 
@@ -27,9 +27,9 @@ import torch
 from transformers import LlamaConfig
 from transformers.cache_utils import Cache
 
-from .layers import AbsoluteLayer, PolicyLayer, ShiftedLayer, Step
-from .policies import Policy
-from .rope import Rotary
+from labkit.caches.layers import AbsoluteLayer, PolicyLayer, ShiftedLayer, Step
+from labkit.caches.policies import Policy
+from labkit.caches.rope import Rotary
 
 
 class PolicyCache(Cache):
@@ -77,7 +77,9 @@ class PolicyCache(Cache):
             layout = self.policy.layout
             markers = torch.where((ids == layout.boi_id) | (ids == layout.eoi_id), ids, -1)
             if not bool((markers == markers[:1]).all()):
-                raise ValueError("all rows of a batch must have <img>/</img> at the same positions (they share one cache layout)")
+                raise ValueError(
+                    "all rows of a batch must have <img>/</img> at the same positions (they share one cache layout)"
+                )
         if not self._lookahead:  # a look-ahead adds nothing to the story the policy tracks
             self.policy.observe(ids[0].tolist(), start=self._seen)
         self._observed = ids.shape[1]
@@ -88,7 +90,7 @@ class PolicyCache(Cache):
 
         The generation loop uses it for an image's Q query slots: their hidden states are regressed to
         features, then the slots are fed again as input-resampled features, which is what the next
-        segment's context holds in the official loop (brief §5: the image re-enters as regressed features).
+        segment's context holds in the official loop (`gen_george.py`: the image re-enters as regressed features).
         """
         self._lookahead = True
         try:
@@ -124,7 +126,10 @@ class PolicyCache(Cache):
     def _open_step(self, key_states: torch.Tensor, model_kwargs: dict[str, Any]) -> Step:
         q, n = key_states.shape[-2], len(self._positions)
         if self._observed is None and self.policy.needs_token_ids:
-            raise RuntimeError(f"policy {self.policy.name!r} needs the token ids: call cache.observe(input_ids) before each forward (or use forward_with_cache)")
+            raise RuntimeError(
+                f"policy {self.policy.name!r} needs the token ids: "
+                "call cache.observe(input_ids) before each forward (or use forward_with_cache)"
+            )
         if self._observed is not None and self._observed != q:
             raise ValueError(f"observe() was given {self._observed} token ids but the forward has {q} tokens")
         self._observed = None
@@ -151,7 +156,7 @@ class PolicyCache(Cache):
     @staticmethod
     def _check_positions(position_ids: torch.Tensor | None, n: int, q: int) -> None:
         # A re-rotating cache puts held keys at slots 0..n-1; queries elsewhere would see wrong
-        # distances (the position bugs of HF SinkCache, §A5 pitfall 1), so refuse them loudly.
+        # distances (the position bugs of HF SinkCache, transformers #31581, #35350), so refuse them loudly.
         if position_ids is None:
             return
         expected = torch.arange(n, n + q, device=position_ids.device)

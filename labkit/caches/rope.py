@@ -1,12 +1,12 @@
 """Rotary position embedding (RoPE) helpers for caches that move keys to new positions.
 
-StreamingLLM's "pos shift" (attention_sinks_and_peers.md §A1) gives every kept key the position of its
+StreamingLLM's "pos shift" (`streaming_llm/pos_shift/modify_llama.py`) gives every kept key the position of its
 slot in the cache, 0..n-1, so positions stay inside the trained range however long the story gets.
 Llama in transformers rotates keys *before* calling the cache, so a re-rotating cache receives
 post-RoPE keys. We un-rotate each new key once (with the position the model used) and store the
 pre-RoPE key; at every step the stored keys are rotated once, from those originals, to their current
 slot. A key is never rotated a second time on top of an earlier rotation, so rounding cannot pile up
-over thousands of shifts (pitfall 6 of §A5; the old HF SinkCache re-rotated rotated keys in the key
+over thousands of shifts (a known pitfall: the old HF SinkCache re-rotated rotated keys in the key
 dtype).
 
 Conventions follow Llama's in transformers: the two halves of the head dimension form the complex
@@ -21,7 +21,7 @@ import torch
 from transformers import LlamaConfig
 from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
 
-from ..errors import ParameterError
+from labkit.core.errors import ParameterError
 
 # Their frequencies change with the sequence length, so a key cannot be moved by a fixed rotation.
 LENGTH_DEPENDENT_ROPE = ("dynamic", "longrope")
@@ -39,7 +39,10 @@ class Rotary:
     def __init__(self, config: LlamaConfig):
         rope_type = (getattr(config, "rope_parameters", None) or {}).get("rope_type", "default")
         if rope_type in LENGTH_DEPENDENT_ROPE:
-            raise ParameterError("model_config", f"rope_type {rope_type!r} depends on the sequence length; re-rotating caches need a fixed RoPE")
+            raise ParameterError(
+                "model_config",
+                f"rope_type {rope_type!r} depends on the sequence length; re-rotating caches need a fixed RoPE",
+            )
         module = LlamaRotaryEmbedding(config)
         self.inv_freq = module.inv_freq.detach().float().cpu()
         self.scaling = float(module.attention_scaling)

@@ -16,9 +16,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Mapping, Sequence
 
-from ..errors import LabError
-from .storystream_mini import open_split
-from .storyworld import CHARACTERS, PROPS, SCENES
+from labkit.core.errors import LabError
+from labkit.data.storystream_mini import open_split
+from labkit.data.storyworld import CHARACTERS, PROPS, SCENES
 
 _CHARACTER = {c.name: c for c in CHARACTERS}
 _SCENE = {s.name: s for s in SCENES}
@@ -26,7 +26,7 @@ _PROP = {p.name: p for p in PROPS}
 
 
 def _listing(items: Sequence[str]) -> str:
-    """"a key", "a key and a map", "a key, a map and a ball"."""
+    """ "a key", "a key and a map", "a key, a map and a ball"."""
     if len(items) <= 1:
         return "".join(items)
     return ", ".join(items[:-1]) + " and " + items[-1]

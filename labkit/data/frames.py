@@ -13,8 +13,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .storystream_mini import open_split
-from .storyworld import CHARACTERS, SCENES, STYLES
+from labkit.data.storystream_mini import open_split
+from labkit.data.storyworld import CHARACTERS, SCENES, STYLES
 
 CHARACTER_NAMES = tuple(c.name for c in CHARACTERS)
 STYLE_NAMES = tuple(s.name for s in STYLES)
@@ -63,8 +63,11 @@ def load_frames(root: Path | str, split: str = "train") -> SplitFrames:
         scene.append([SCENE_NAMES.index(t["scene"]) for t in truth])
     fields = {
         "images": torch.from_numpy(np.stack(images)).permute(0, 1, 4, 2, 3).contiguous(),
-        "protagonist": torch.tensor(protagonist), "style": torch.tensor(style), "scene": torch.tensor(scene),
-        "captions": [list(r.captions) for r in data.records], "story_ids": [str(r.id) for r in data.records],
+        "protagonist": torch.tensor(protagonist),
+        "style": torch.tensor(style),
+        "scene": torch.tensor(scene),
+        "captions": [list(r.captions) for r in data.records],
+        "story_ids": [str(r.id) for r in data.records],
     }
     cache.parent.mkdir(exist_ok=True)
     tmp = cache.with_name(f".{cache.name}.{os.getpid()}.tmp")

@@ -1,6 +1,6 @@
 """The official SEED-Story token layout of one training sample, with the masks a model needs.
 
-Brief §2 (`story_telling.py::decode_long_story_data`)::
+Paper §3.2; official `src/data/story_telling.py::decode_long_story_data`::
 
     <s> c0 <img> q0..q(Q-1) </img> [INST] c1 <img> q.. </img> ... [INST] c(k+1) <img> q.. </img> </s>
 
@@ -16,8 +16,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Sequence
 
-from ..errors import ParameterError
-from .text_tokenizer import StoryTokenizer
+from labkit.core.errors import ParameterError
+from labkit.data.text_tokenizer import StoryTokenizer
 
 IGNORE_INDEX = -100  # Hugging Face's label for "no loss here"
 TOKEN_TYPES = ("bos", "text", "boi", "image", "eoi", "eos")
@@ -56,7 +56,10 @@ def build_layout(
     `text_loss` / `image_loss` are the segments whose caption / image is trained (see `sampler.py`).
     """
     if not 1 <= num_queries <= tokenizer.num_image_tokens:
-        raise ParameterError("num_queries", f"must be in 1..{tokenizer.num_image_tokens} (the tokenizer's image tokens), got {num_queries}")
+        raise ParameterError(
+            "num_queries",
+            f"must be in 1..{tokenizer.num_image_tokens} (the tokenizer's image tokens), got {num_queries}",
+        )
     bad = [s for s in (*text_loss, *image_loss) if not 0 <= s < len(captions)]
     if bad:
         raise ParameterError("text_loss/image_loss", f"segments {bad} outside 0..{len(captions) - 1}")
@@ -71,7 +74,15 @@ def build_layout(
     image_input: list[bool] = []
     image_output: list[bool] = []
 
-    def emit(token: int, kind: str, segment: int, target: bool, image: int = -1, slot_in: bool = False, slot_out: bool = False) -> None:
+    def emit(
+        token: int,
+        kind: str,
+        segment: int,
+        target: bool,
+        image: int = -1,
+        slot_in: bool = False,
+        slot_out: bool = False,
+    ) -> None:
         ids.append(token)
         labels.append(token if target else IGNORE_INDEX)
         types.append(kind)

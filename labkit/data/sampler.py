@@ -17,7 +17,7 @@ import random
 from dataclasses import dataclass
 from typing import Sequence, TypeVar
 
-from ..errors import ParameterError
+from labkit.core.errors import ParameterError
 
 Frame = TypeVar("Frame")
 

@@ -6,20 +6,23 @@ The official ``StoryStream/chunk_data.py`` cuts 30-frame stories into non-overla
 drops an incomplete tail, sets ``id`` to the index of the source story and drops ``orders``; so
 ``orders`` is optional when reading.
 
-Reading is strict and reports *every* problem it finds, each as ``path:line: message``.
+Reading is strict and reports *every* problem it finds, each as ``path:line: message``. An image path must stay
+inside the image root: an absolute path (``/etc/passwd``) or one that climbs out (``../../etc/passwd``) is refused
+when the file is read, and every join of root and path goes through `image_file`.
 """
 
 from __future__ import annotations
 
 import json
+import posixpath
 from dataclasses import dataclass, field
-from pathlib import Path
+from pathlib import Path, PurePosixPath, PureWindowsPath
 from typing import Iterable
 
 from PIL import Image, UnidentifiedImageError
 
-from ..atomic import write_text
-from ..errors import DataError, LabError, located
+from labkit.core.atomic import write_text
+from labkit.core.errors import DataError, LabError, located
 
 
 @dataclass
@@ -74,15 +77,16 @@ def _decode_lines(path: Path, problems: list[str]) -> list[tuple[int, str]]:
         try:
             text = chunk.decode("utf-8")
         except UnicodeDecodeError as error:
-            problems.append(located(path, number, f"not valid UTF-8 (byte {error.start}: {chunk[error.start:error.start + 1]!r})"))
+            byte = chunk[error.start : error.start + 1]
+            problems.append(located(path, number, f"not valid UTF-8 (byte {error.start}: {byte!r})"))
             continue
         if text.strip():
             lines.append((number, text))
     return lines
 
 
-def _parse_record(path: Path, number: int, text: str, problems: list[str]) -> StoryRecord | None:
-    """Parse and check one line's structure; return None (with problems added) when it is unusable."""
+def _parse_record(path: Path, number: int, text: str, problems: list[str], root: Path) -> StoryRecord | None:
+    """Parse and check one line's structure (image paths inside `root` included); None (with problems) if unusable."""
     try:
         line = json.loads(text)
     except json.JSONDecodeError as error:
@@ -113,14 +117,22 @@ def _parse_record(path: Path, number: int, text: str, problems: list[str]) -> St
     if not images:
         problems.append(located(path, number, "story has no frames"))
         return None
+    escapes = [problem for image in images if (problem := image_path_problem(root, image, resolve=False))]
+    if escapes:
+        problems += [located(path, number, problem) for problem in escapes]
+        return None
     return StoryRecord(id=line["id"], images=images, captions=captions, orders=orders)
 
 
-def read_jsonl(path: Path | str) -> list[StoryRecord]:
-    """Read a StoryStream jsonl file; raise `DataError` listing every problem (structure only, no images)."""
+def read_jsonl(path: Path | str, image_root: Path | str | None = None) -> list[StoryRecord]:
+    """Read a StoryStream jsonl file; raise `DataError` listing every problem (structure only, no images).
+
+    An image path that is absolute or climbs out of the image root (`image_root`, default `default_image_root`,
+    named in the message) is a problem of the structure: it is refused here, before anything opens it."""
     path = Path(path)
+    root = Path(image_root) if image_root is not None else default_image_root(path)
     problems: list[str] = []
-    records = [r for n, t in _decode_lines(path, problems) if (r := _parse_record(path, n, t, problems))]
+    records = [r for n, t in _decode_lines(path, problems) if (r := _parse_record(path, n, t, problems, root))]
     if problems:
         raise DataError(problems)
     return records
@@ -150,8 +162,38 @@ def check_image(file: Path) -> str | None:
 
 def default_image_root(jsonl: Path) -> Path:
     """Where images live when the user names none: `images/` beside the file (labkit's layout), else its folder."""
-    beside = jsonl.parent / "images"
-    return beside if beside.is_dir() else jsonl.parent
+    beside = Path(jsonl).parent / "images"
+    return beside if beside.is_dir() else Path(jsonl).parent
+
+
+def image_path_problem(root: Path | str, image: str, resolve: bool = True) -> str | None:
+    """None if the record's image path `image` stays inside the image root `root`, else what is wrong with it.
+
+    Refused: an absolute path (POSIX `/x`, Windows `C:\\x` or `\\\\server\\x`), and one whose location leaves
+    the root: `..` climbing out (a backslash counts as a separator, as on Windows) and, with `resolve`, a symbolic
+    link inside the root that points outside it (this one needs the file system; the `..` check does not)."""
+    root = Path(root)
+    text = image.replace("\\", "/")
+    if PurePosixPath(text).is_absolute() or PureWindowsPath(image).drive or PureWindowsPath(image).root:
+        return f"image path {image!r} leaves the image root {root} (it is absolute; paths are relative to the root)"
+    if posixpath.normpath(text).split("/")[0] == "..":
+        return f"image path {image!r} leaves the image root {root}"
+    if resolve:
+        target = (root / image).resolve()
+        if not target.is_relative_to(root.resolve()):
+            return f"image path {image!r} leaves the image root {root} (it resolves to {target})"
+    return None
+
+
+def image_file(root: Path | str, image: str, path: Path | str | None = None, line: int | None = None) -> Path:
+    """The file of a record's image path under the image root: the one way labkit joins the two.
+
+    Raises `DataError` located at `path:line` (the jsonl file and the story's line, when given) if the path is
+    absolute or leaves the root (`image_path_problem`)."""
+    problem = image_path_problem(root, image)
+    if problem:
+        raise DataError([located(path, line, problem) if path is not None else problem])
+    return Path(root) / image
 
 
 def validate(path: Path | str, image_root: Path | str | None = None, check_images: bool = True) -> ValidationReport:
@@ -160,7 +202,7 @@ def validate(path: Path | str, image_root: Path | str | None = None, check_image
     root = Path(image_root) if image_root is not None else default_image_root(path)
     report = ValidationReport(path=path)
     for number, text in _decode_lines(path, report.problems):
-        record = _parse_record(path, number, text, report.problems)
+        record = _parse_record(path, number, text, report.problems, root)
         if record is None:
             continue
         report.stories += 1
@@ -168,10 +210,15 @@ def validate(path: Path | str, image_root: Path | str | None = None, check_image
         if not check_images:
             continue
         for image in record.images:
-            problem = check_image(root / image)
+            try:
+                file = image_file(root, image, path, number)
+            except DataError as error:  # a symbolic link out of the root: one problem among the others
+                report.problems += error.problems
+                continue
+            problem = check_image(file)
             report.images_checked += 1
             if problem:
-                report.problems.append(located(path, number, f"{problem}: {root / image}"))
+                report.problems.append(located(path, number, f"{problem}: {file}"))
     return report
 
 

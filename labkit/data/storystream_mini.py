@@ -22,11 +22,13 @@ import numpy as np
 from PIL import Image
 from tqdm.auto import tqdm
 
-from ..atomic import build_directory, write_text
-from ..errors import LabError, ParameterError
-from .storystream import StoryRecord, read_jsonl, write_jsonl
-from .storyworld import Story, generate_story, render_frame
-from .text_tokenizer import StoryTokenizer
+from labkit.core.atomic import build_directory, write_text
+from labkit.core.errors import LabError, ParameterError
+from labkit.core.paths import artifacts_folder
+from labkit.core.presets import Preset
+from labkit.data.storystream import StoryRecord, read_jsonl, write_jsonl
+from labkit.data.storyworld import Story, generate_story, render_frame
+from labkit.data.text_tokenizer import StoryTokenizer
 
 SPLITS = ("train", "val", "test")
 SPLIT_CODES = {"train": 1, "val": 2, "test": 3}
@@ -47,7 +49,11 @@ class MakeConfig:
     image_tokens: int = 64
 
     def check(self) -> None:
-        for name, flag in (("train_stories", "--stories"), ("val_stories", "--val-stories"), ("test_stories", "--test-stories")):
+        for name, flag in (
+            ("train_stories", "--stories"),
+            ("val_stories", "--val-stories"),
+            ("test_stories", "--test-stories"),
+        ):
             if getattr(self, name) < 0:
                 raise ParameterError(flag, f"must be >= 0 (got {getattr(self, name)})")
         if self.train_stories < 1:
@@ -75,8 +81,13 @@ def story_id(split: str, index: int) -> str:
 
 
 def annotation_line(story: Story) -> dict:
-    return {"id": story.id, "seed": story.seed, "protagonist": story.protagonist, "style": story.style,
-            "frames": [asdict(frame) for frame in story.frames]}
+    return {
+        "id": story.id,
+        "seed": story.seed,
+        "protagonist": story.protagonist,
+        "style": story.style,
+        "frames": [asdict(frame) for frame in story.frames],
+    }
 
 
 def _png_bytes(image: Image.Image) -> bytes:
@@ -93,7 +104,10 @@ def make_dataset(out: Path | str, config: MakeConfig, overwrite: bool = False, p
     all_seeds = [s for split in SPLITS for s in seeds[split]]
     assert len(set(all_seeds)) == len(all_seeds), "story seeds collided across splits"
     total = sum(config.stories(split) for split in SPLITS)
-    with build_directory(out, overwrite=overwrite) as tmp, tqdm(total=total, desc="stories", unit="story", disable=not progress) as bar:
+    with (
+        build_directory(out, overwrite=overwrite) as tmp,
+        tqdm(total=total, desc="stories", unit="story", disable=not progress) as bar,
+    ):
         train_captions: list[str] = []
         for split in SPLITS:
             records, annotations = [], []
@@ -115,9 +129,15 @@ def make_dataset(out: Path | str, config: MakeConfig, overwrite: bool = False, p
             write_text(tmp / f"{split}.annotations.jsonl", "".join(annotations))
         tokenizer = StoryTokenizer.train(train_captions, merges=config.bpe_merges, num_image_tokens=config.image_tokens)
         tokenizer.save_pretrained(tmp / "tokenizer")
-        metadata = {"format": "storystream", "generator": "storystream-mini", "version": FORMAT_VERSION,
-                    "config": asdict(config), "splits": {s: config.stories(s) for s in SPLITS},
-                    "image_root": "images", "tokenizer": "tokenizer"}
+        metadata = {
+            "format": "storystream",
+            "generator": "storystream-mini",
+            "version": FORMAT_VERSION,
+            "config": asdict(config),
+            "splits": {s: config.stories(s) for s in SPLITS},
+            "image_root": "images",
+            "tokenizer": "tokenizer",
+        }
         write_text(tmp / "dataset.json", json.dumps(metadata, indent=2) + "\n")
     return metadata
 
@@ -148,7 +168,9 @@ def open_split(root: Path | str, split: str = "train") -> StorySplit:
     if split not in SPLITS:
         raise ParameterError("split", f"unknown split {split!r}; choose one of {', '.join(SPLITS)}")
     if not (root / "dataset.json").is_file():
-        raise LabError(f"{root}: not a labkit data set (no dataset.json); make one with `labkit data make --out {root}`")
+        raise LabError(
+            f"{root}: not a labkit data set (no dataset.json); make one with `labkit data make --out {root}`"
+        )
     records = read_jsonl(root / f"{split}.jsonl")
     annotations = {}
     sidecar = root / f"{split}.annotations.jsonl"
@@ -161,3 +183,22 @@ def open_split(root: Path | str, split: str = "train") -> StorySplit:
 
 def load_tokenizer(root: Path | str) -> StoryTokenizer:
     return StoryTokenizer.from_pretrained(Path(root) / "tokenizer")
+
+
+def ensure_dataset(preset: Preset, progress: bool = True) -> Path:
+    """The preset's StoryStream-mini data set, made once under artifacts/<preset>/ (about a minute at tiny)."""
+    folder = artifacts_folder(preset.name) / "storystream-mini"
+    if not (folder / "dataset.json").is_file():
+        data = preset.data
+        config = MakeConfig(
+            train_stories=data.train_stories,
+            val_stories=data.val_stories,
+            test_stories=data.test_stories,
+            frames=data.frames,
+            size=data.image_size,
+            seed=0,
+            bpe_merges=data.bpe_merges,
+            image_tokens=data.image_tokens,
+        )
+        make_dataset(folder, config, overwrite=True, progress=progress)
+    return folder

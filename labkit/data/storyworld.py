@@ -1,4 +1,4 @@
-"""StoryStream-mini: a deterministic procedural story world (DESIGN §3).
+"""StoryStream-mini: a deterministic procedural story world (docs/paper_to_code.md, "StoryStream").
 
 The real StoryStream (48 GB of cartoon keyframes with GPT-4 narratives) cannot be downloaded here, so the lab
 writes its own stories: a fixed cast with distinct looks (shape, colour, accessory), one art style per story,
@@ -20,8 +20,22 @@ from typing import Callable
 
 from PIL import Image
 
-from ..errors import ParameterError
-from . import storyworld_render as draw
+from labkit.core.errors import ParameterError
+from labkit.data import storyworld_render as draw
+from labkit.data.catalogue import (
+    _CHARACTER,
+    _PRONOUNS,
+    _PROP,
+    _SCENE,
+    _STYLE,
+    CHARACTERS,
+    PROPS,
+    SCENES,
+    STYLES,
+    Character,
+    FrameLayout,
+    Scene,
+)
 
 RGB = tuple[int, int, int]
 
@@ -29,129 +43,6 @@ RGB = tuple[int, int, int]
 class StoryWorldError(ParameterError, ValueError):
     """A bad argument: a ValueError for Python callers, a one-line LabError for the CLI."""
 
-
-# ---------------------------------------------------------------------------------------------------------
-# The catalogue: who, where, how drawn, with what.
-
-_PRONOUNS = MappingProxyType({"she": ("her", "her", "herself"), "he": ("him", "his", "himself"),
-                              "they": ("them", "their", "themselves")})
-
-
-@dataclass(frozen=True)
-class Character:
-    name: str
-    pronoun: str  # "she" | "he" | "they"
-    shape: str  # body silhouette; also the word captions use ("a red round creature")
-    colour: str
-    rgb: RGB
-    accessory: str
-    accessory_colour: str
-    accessory_rgb: RGB
-
-    @property
-    def objective(self) -> str:
-        return _PRONOUNS[self.pronoun][0]
-
-    @property
-    def possessive(self) -> str:
-        return _PRONOUNS[self.pronoun][1]
-
-    @property
-    def look(self) -> str:
-        article = "" if self.accessory.endswith("s") else "a "  # "a yellow hat", "black glasses"
-        return f"{self.colour} {self.shape} creature with {article}{self.accessory_colour} {self.accessory}"
-
-
-@dataclass(frozen=True)
-class Style:
-    """An art style, as parameters of one rendering pipeline (see storyworld_render.compose)."""
-
-    name: str
-    description: str
-    fill_mix: float = 0.0  # blend character colours toward `wash` (pastel fills)
-    scene_mix: float = 0.0  # blend scene colours toward `wash`
-    wash: RGB = (255, 255, 255)
-    outline: float = 0.0  # outline width as a fraction of the frame; 0 = no outlines
-    ink: RGB = (20, 20, 20)
-    pixel: int = 1  # > 1: draw at size // pixel, posterize, upscale with nearest neighbour
-    blur: float = 0.0  # blur radius as a fraction of the frame
-    grain: float = 0.0  # paper texture strength
-    glow: float = 0.0  # halo around characters and props
-    hatch: bool = False  # pencil hatching instead of solid fills
-    stars: bool = False  # a starry sky
-
-
-@dataclass(frozen=True)
-class Scene:
-    name: str  # the one word captions use for the place
-    at: str  # "in" the forest, "on" the beach
-    adjectives: tuple[str, ...]
-    sky: RGB
-    ground: RGB
-    horizon: float  # fraction of the frame height
-    spot: str  # where things are found here
-    sight: str  # what one looks at here (drawn in the background)
-
-
-@dataclass(frozen=True)
-class Prop:
-    name: str
-    use: str  # what it is used for, after "to"
-
-    @property
-    def article(self) -> str:
-        return "an" if self.name[0] in "aeiou" else "a"
-
-
-# Shape, colour and accessory are each unique, so identity is recoverable from any one of them.
-CHARACTERS: tuple[Character, ...] = (
-    Character("Mira", "she", "round", "red", (226, 52, 48), "hat", "yellow", (250, 210, 40)),
-    Character("Bo", "he", "square", "blue", (44, 96, 228), "scarf", "white", (250, 250, 250)),
-    Character("Tiko", "they", "triangle", "green", (52, 176, 72), "glasses", "black", (15, 15, 15)),
-    Character("Luna", "she", "oval", "purple", (150, 72, 210), "bow", "pink", (255, 130, 200)),
-    Character("Rex", "he", "star", "orange", (250, 140, 26), "crown", "gold", (255, 215, 0)),
-    Character("Pip", "they", "diamond", "yellow", (244, 214, 36), "backpack", "brown", (120, 72, 36)),
-    Character("Nell", "she", "heart", "pink", (246, 112, 172), "cape", "blue", (40, 60, 170)),
-    Character("Oskar", "he", "pear", "teal", (24, 178, 170), "antenna", "silver", (200, 204, 220)),
-)
-
-STYLES: tuple[Style, ...] = (
-    Style("flat", "plain vivid fills, no outlines"),
-    Style("outline", "thick black outlines, light fills", fill_mix=0.35, scene_mix=0.45, outline=0.035),
-    Style("watercolor", "soft blurred washes on textured paper", fill_mix=0.1, scene_mix=0.5,
-          wash=(246, 238, 220), blur=0.014, grain=0.10),
-    Style("pixel", "chunky pixels, few colours", pixel=3),
-    Style("night", "dark night scene, glowing characters", scene_mix=0.72, wash=(12, 16, 48), glow=0.9, stars=True),
-    Style("sketch", "pencil hatching on white paper", scene_mix=0.7, wash=(250, 248, 240), outline=0.018,
-          ink=(70, 70, 80), hatch=True),
-)
-
-SCENES: tuple[Scene, ...] = (
-    Scene("forest", "in", ("quiet", "green"), (170, 215, 240), (70, 140, 60), 0.60, "under an old tree", "the tall trees"),
-    Scene("beach", "on", ("sunny", "warm"), (150, 205, 245), (236, 210, 150), 0.55, "in the warm sand", "the blue waves"),
-    Scene("castle", "in", ("old", "grand"), (190, 200, 232), (110, 150, 90), 0.62, "near the big gate", "the high towers"),
-    Scene("city", "in", ("busy", "noisy"), (205, 222, 240), (120, 120, 126), 0.66, "beside a little shop", "the tall houses"),
-    Scene("mountain", "on", ("snowy", "cold"), (185, 215, 245), (244, 247, 255), 0.62, "in the deep snow", "the white peaks"),
-    Scene("desert", "in", ("dry", "hot"), (250, 222, 160), (226, 180, 100), 0.62, "behind a tall cactus", "the hot sun"),
-    Scene("meadow", "in", ("sunny", "flowery"), (160, 220, 250), (120, 200, 80), 0.60, "in the tall grass", "the bright flowers"),
-    Scene("cave", "in", ("dark", "deep"), (74, 54, 44), (104, 84, 64), 0.62, "on a cold rock", "the shining crystals"),
-)
-
-PROPS: tuple[Prop, ...] = (
-    Prop("key", "open a small locked door"),
-    Prop("lantern", "light up the dark path"),
-    Prop("map", "find the right way"),
-    Prop("ball", "play a bouncy game"),
-    Prop("flower", "bring a smile to everyone"),
-    Prop("shell", "listen to the sound of the sea"),
-    Prop("book", "read an old story"),
-    Prop("bell", "ring a cheerful tune"),
-)
-
-_CHARACTER = MappingProxyType({c.name: c for c in CHARACTERS})
-_STYLE = MappingProxyType({s.name: s for s in STYLES})
-_SCENE = MappingProxyType({s.name: s for s in SCENES})
-_PROP = MappingProxyType({p.name: p for p in PROPS})
 
 # ---------------------------------------------------------------------------------------------------------
 # Stories
@@ -166,19 +57,6 @@ class FrameTruth:
     props: tuple[str, ...]  # found so far, in order found; never shrinks
     event: str  # "intro", "find:key", "meet:Bo", "part:Bo", "travel:beach", "use:key", "recall:key",
     #             "remember:beach", "miss:Bo", "act:<rest|look|jump|...>", "end"
-
-
-@dataclass(frozen=True)
-class FrameLayout:
-    """Where and how the frame is drawn: varies frame to frame so the task is not memorisation."""
-
-    x: float  # protagonist's centre, fraction of the width
-    ground: float  # where the protagonist stands, fraction of the height
-    scale: float  # protagonist height is about 0.44 * scale of the frame
-    pose: str  # stand | walk | jump | wave | sit
-    facing: int  # -1 left, +1 right
-    friend_side: int  # the companion stands to this side of the protagonist
-    shift: float  # horizontal offset of background objects
 
 
 @dataclass(frozen=True)
@@ -197,69 +75,126 @@ class Story:
 
 MAX_PROPS_PER_STORY = 5  # long stories run out of new things to find and recall old ones instead
 
-_POSES = MappingProxyType({"meet": "wave", "part": "wave", "travel": "walk", "act:rest": "sit", "act:jump": "jump",
-                           "act:dance": "jump", "act:walk": "walk", "act:wave": "wave", "find": "stand"})
+_POSES = MappingProxyType(
+    {
+        "meet": "wave",
+        "part": "wave",
+        "travel": "walk",
+        "act:rest": "sit",
+        "act:jump": "jump",
+        "act:dance": "jump",
+        "act:walk": "walk",
+        "act:wave": "wave",
+        "find": "stand",
+    }
+)
 
 # Templates. Fields: the protagonist (Name, Sub/sub, Pos/pos, obj), the current scene (scene, at, adj, sight, spot),
 # the companion (Friend, fobj, look), a prop (prop, a_prop, use, found_at) and an earlier place (place).
-_T = MappingProxyType({
-    "intro": ("Once upon a time, {Name}, a small {look}, lived {at} the {adj} {scene}.",
-              "This is {Name}, a little {look}, who lived {at} the {adj} {scene}.",
-              "{At} the {adj} {scene} there lived {Name}, a small {look}."),
-    "find": ("{Sub} found {a_prop} {spot} and picked it up carefully.",
-             "Suddenly {sub} saw {a_prop} lying {spot} and took it along.",
-             "{Name} was happy to find {a_prop} {spot} {at} the {scene}."),
-    "find+": ("{Friend} pointed at {a_prop} {spot}, and {sub} picked it up.",),
-    "meet": ("{At} the {scene}, {sub} met {Friend}, {a_look}.",
-             "{A_look} named {Friend} came to say hello to {obj}.",
-             "{Sub} made a new friend, {Friend}, {a_look}."),
-    "part": ("{Friend} waved goodbye to {obj} and went back home.",
-             "It was time for {Friend} to go home, so {sub} waved goodbye."),
-    "travel": ("{Sub} walked a long way and came to the {adj} {scene}.",
-               "Next, {sub} set off for the {scene} to see what was there.",
-               "{Pos} path led {obj} all the way to the {adj} {scene}."),
-    "travel+": ("{Sub} and {Friend} travelled together to the {adj} {scene}.",
-                "{Pos} friend {Friend} followed {obj} to the {scene}."),
-    "return": ("{Sub} went back to the {scene}, where {sub} had been before.",
-               "Once again {sub} came to the {adj} {scene} and looked around."),
-    "use": ("{Sub} used the {prop} to {use}.",
+_T = MappingProxyType(
+    {
+        "intro": (
+            "Once upon a time, {Name}, a small {look}, lived {at} the {adj} {scene}.",
+            "This is {Name}, a little {look}, who lived {at} the {adj} {scene}.",
+            "{At} the {adj} {scene} there lived {Name}, a small {look}.",
+        ),
+        "find": (
+            "{Sub} found {a_prop} {spot} and picked it up carefully.",
+            "Suddenly {sub} saw {a_prop} lying {spot} and took it along.",
+            "{Name} was happy to find {a_prop} {spot} {at} the {scene}.",
+        ),
+        "find+": ("{Friend} pointed at {a_prop} {spot}, and {sub} picked it up.",),
+        "meet": (
+            "{At} the {scene}, {sub} met {Friend}, {a_look}.",
+            "{A_look} named {Friend} came to say hello to {obj}.",
+            "{Sub} made a new friend, {Friend}, {a_look}.",
+        ),
+        "part": (
+            "{Friend} waved goodbye to {obj} and went back home.",
+            "It was time for {Friend} to go home, so {sub} waved goodbye.",
+        ),
+        "travel": (
+            "{Sub} walked a long way and came to the {adj} {scene}.",
+            "Next, {sub} set off for the {scene} to see what was there.",
+            "{Pos} path led {obj} all the way to the {adj} {scene}.",
+        ),
+        "travel+": (
+            "{Sub} and {Friend} travelled together to the {adj} {scene}.",
+            "{Pos} friend {Friend} followed {obj} to the {scene}.",
+        ),
+        "return": (
+            "{Sub} went back to the {scene}, where {sub} had been before.",
+            "Once again {sub} came to the {adj} {scene} and looked around.",
+        ),
+        "use": (
+            "{Sub} used the {prop} to {use}.",
             "The {prop} helped {obj} {use}.",
-            "{Sub} took out the {prop} to {use}."),
-    "use+": ("{Sub} and {Friend} used the {prop} to {use}.",),
-    "recall": ("{Sub} still carried the {prop} {sub} found {found_at}.",
-               "{Sub} looked at the {prop} from the {place} and smiled.",
-               "The {prop} from the {place} was still safe with {obj}."),
-    "remember": ("{Sub} thought about the {place} and all the things {sub} saw there.",
-                 "Remembering the {place}, {sub} felt warm and happy inside."),
-    "remember+": ("{Sub} told {Friend} all about the {place}.",
-                  "{Friend} asked {obj} about the {place}, and {sub} told a long story."),
-    "miss": ("{Sub} missed {pos} old friend {Friend} and hoped to see {fobj} again.",
-             "{Sub} thought of {Friend}, the friend who had gone home."),
-    "end": ("At the end of the day, {sub} went home with {things}.",
-            "When the sun went down, {sub} went home with {things}, tired and happy."),
-    "end0": ("At the end of the day, {sub} went home, still thinking about the {place}.",),
-    "act:rest": ("{Sub} sat down {at} the {scene} to rest for a little while.",
-                 "Feeling tired, {sub} sat down and rested for a while."),
-    "act:look": ("{Sub} stopped for a moment to look at {sight}.",
-                 "{Sub} looked at {sight} with big curious eyes."),
-    "act:jump": ("{Sub} jumped high into the air with a happy shout.",
-                 "Full of joy, {sub} jumped up and down {at} the {scene}."),
-    "act:sing": ("{Sub} sang a little song that {sub} had learned long ago.",
-                 "{Sub} hummed a happy tune while the wind blew softly."),
-    "act:dance": ("{Sub} danced a happy dance in the middle of the {scene}.",
-                  "{Sub} spun around and danced all by {self}."),
-    "act:walk": ("{Sub} walked slowly through the {scene}, looking for something new.",
-                 "{Sub} went for a long walk {at} the {scene}."),
-    "act:rest+": ("{Sub} and {Friend} sat down together to rest for a while.",
-                  "After all the fun, {sub} and {Friend} sat down to rest."),
-    "act:look+": ("{Sub} and {pos} friend {Friend} looked at {sight} together.",),
-    "act:jump+": ("{Sub} and {Friend} jumped up and down and laughed.",),
-    "act:talk+": ("{Friend} told {obj} a funny story, and they both laughed.",
-                  "{Sub} and {Friend} talked about what to do next."),
-    "act:play+": ("{Sub} and {Friend} played a game of tag {at} the {scene}.",
-                  "{Sub} and {Friend} played hide and seek {at} the {scene}."),
-    "act:wave+": ("{Friend} waved at {obj}, and {sub} waved back happily.",),
-})
+            "{Sub} took out the {prop} to {use}.",
+        ),
+        "use+": ("{Sub} and {Friend} used the {prop} to {use}.",),
+        "recall": (
+            "{Sub} still carried the {prop} {sub} found {found_at}.",
+            "{Sub} looked at the {prop} from the {place} and smiled.",
+            "The {prop} from the {place} was still safe with {obj}.",
+        ),
+        "remember": (
+            "{Sub} thought about the {place} and all the things {sub} saw there.",
+            "Remembering the {place}, {sub} felt warm and happy inside.",
+        ),
+        "remember+": (
+            "{Sub} told {Friend} all about the {place}.",
+            "{Friend} asked {obj} about the {place}, and {sub} told a long story.",
+        ),
+        "miss": (
+            "{Sub} missed {pos} old friend {Friend} and hoped to see {fobj} again.",
+            "{Sub} thought of {Friend}, the friend who had gone home.",
+        ),
+        "end": (
+            "At the end of the day, {sub} went home with {things}.",
+            "When the sun went down, {sub} went home with {things}, tired and happy.",
+        ),
+        "end0": ("At the end of the day, {sub} went home, still thinking about the {place}.",),
+        "act:rest": (
+            "{Sub} sat down {at} the {scene} to rest for a little while.",
+            "Feeling tired, {sub} sat down and rested for a while.",
+        ),
+        "act:look": (
+            "{Sub} stopped for a moment to look at {sight}.",
+            "{Sub} looked at {sight} with big curious eyes.",
+        ),
+        "act:jump": (
+            "{Sub} jumped high into the air with a happy shout.",
+            "Full of joy, {sub} jumped up and down {at} the {scene}.",
+        ),
+        "act:sing": (
+            "{Sub} sang a little song that {sub} had learned long ago.",
+            "{Sub} hummed a happy tune while the wind blew softly.",
+        ),
+        "act:dance": (
+            "{Sub} danced a happy dance in the middle of the {scene}.",
+            "{Sub} spun around and danced all by {self}.",
+        ),
+        "act:walk": (
+            "{Sub} walked slowly through the {scene}, looking for something new.",
+            "{Sub} went for a long walk {at} the {scene}.",
+        ),
+        "act:rest+": (
+            "{Sub} and {Friend} sat down together to rest for a while.",
+            "After all the fun, {sub} and {Friend} sat down to rest.",
+        ),
+        "act:look+": ("{Sub} and {pos} friend {Friend} looked at {sight} together.",),
+        "act:jump+": ("{Sub} and {Friend} jumped up and down and laughed.",),
+        "act:talk+": (
+            "{Friend} told {obj} a funny story, and they both laughed.",
+            "{Sub} and {Friend} talked about what to do next.",
+        ),
+        "act:play+": (
+            "{Sub} and {Friend} played a game of tag {at} the {scene}.",
+            "{Sub} and {Friend} played hide and seek {at} the {scene}.",
+        ),
+        "act:wave+": ("{Friend} waved at {obj}, and {sub} waved back happily.",),
+    }
+)
 _SOLO_ACTS = ("act:rest", "act:look", "act:jump", "act:sing", "act:dance", "act:walk")
 _DUO_ACTS = ("act:rest", "act:look", "act:jump", "act:talk", "act:play", "act:wave")
 
@@ -298,6 +233,7 @@ def _pick_key(rng: random.Random, plot: _Plot, keys: list[str], i: int, forced: 
         if kind == "part":  # a friend stays a while before leaving
             return 1.0 if plot.friend is not None and (forced or i - plot.friend_since >= 6) else 0.0
         return 0.3 if kind == last else 1.0
+
     kinds = sorted(set(keys))
     weights = [weight(k) for k in kinds]
     if sum(weights) == 0:
@@ -320,10 +256,21 @@ def _pick_filler(rng: random.Random, plot: _Plot, last: str) -> str:
 
 def _fields(rng: random.Random, plot: _Plot) -> dict[str, str]:
     hero, scene = plot.hero, plot.scene
-    f = dict(Name=hero.name, sub=hero.pronoun, Sub=hero.pronoun.capitalize(), pos=hero.possessive,
-             Pos=hero.possessive.capitalize(), obj=hero.objective, self=_PRONOUNS[hero.pronoun][2],
-             scene=scene.name, at=scene.at, At=scene.at.capitalize(),
-             adj=rng.choice(scene.adjectives), sight=scene.sight, spot=scene.spot)
+    f = dict(
+        Name=hero.name,
+        sub=hero.pronoun,
+        Sub=hero.pronoun.capitalize(),
+        pos=hero.possessive,
+        Pos=hero.possessive.capitalize(),
+        obj=hero.objective,
+        self=_PRONOUNS[hero.pronoun][2],
+        scene=scene.name,
+        at=scene.at,
+        At=scene.at.capitalize(),
+        adj=rng.choice(scene.adjectives),
+        sight=scene.sight,
+        spot=scene.spot,
+    )
     if plot.friend is not None:
         f.update(Friend=plot.friend.name, fobj=plot.friend.objective)
     return f
@@ -369,8 +316,9 @@ def _event(rng: random.Random, plot: _Plot, kind: str, i: int, last_event: str) 
     if kind in ("use", "recall"):
         name, place = _fresh(rng, plot.found, lambda o: f"{kind}:{o[0]}", last_event)
         key = "use" + duo if kind == "use" and duo and rng.random() < 0.3 else kind
-        return f"{kind}:{name}", _say(rng, key, f, prop=name, use=_PROP[name].use, place=place,
-                                      found_at=f"{_SCENE[place].at} the {place}")
+        return f"{kind}:{name}", _say(
+            rng, key, f, prop=name, use=_PROP[name].use, place=place, found_at=f"{_SCENE[place].at} the {place}"
+        )
     if kind == "remember":
         places = sorted({n for n in plot.visited if n != plot.scene.name})
         place = _fresh(rng, places, lambda o: f"remember:{o}", last_event)
@@ -394,8 +342,15 @@ def _layout(rng: random.Random, event: str, with_friend: bool) -> FrameLayout:
     friend_side = -1 if x > 0.5 else 1  # the companion goes where there is more room
     pose = _POSES.get(event, _POSES.get(event.split(":")[0], rng.choice(("stand", "stand", "walk"))))
     facing = friend_side if with_friend and rng.random() < 0.7 else rng.choice((-1, 1))
-    return FrameLayout(x=round(x, 4), ground=round(rng.uniform(0.86, 0.95), 4), scale=round(rng.uniform(0.82, 1.12), 4),
-                       pose=pose, facing=facing, friend_side=friend_side, shift=round(rng.uniform(-0.1, 0.1), 4))
+    return FrameLayout(
+        x=round(x, 4),
+        ground=round(rng.uniform(0.86, 0.95), 4),
+        scale=round(rng.uniform(0.82, 1.12), 4),
+        pose=pose,
+        facing=facing,
+        friend_side=friend_side,
+        shift=round(rng.uniform(-0.1, 0.1), 4),
+    )
 
 
 def generate_story(seed: int, story_id: str, frames: int = 30) -> Story:
@@ -433,7 +388,9 @@ def generate_story(seed: int, story_id: str, frames: int = 30) -> Story:
         event, caption = _event(rng, plot, kind, i, last_event)
         if kind == "meet":
             visible = (hero.name, plot.friend.name)
-        truths.append(FrameTruth(visible, hero.name, style.name, plot.scene.name, tuple(n for n, _ in plot.found), event))
+        truths.append(
+            FrameTruth(visible, hero.name, style.name, plot.scene.name, tuple(n for n, _ in plot.found), event)
+        )
         captions.append(caption)
         layouts.append(_layout(rng, event, len(visible) > 1))
         last, last_event = kind, event
@@ -457,8 +414,17 @@ def render_frame(story: Story, index: int, size: int = 64) -> Image.Image:
     truth, layout = story.frames[index], story.layouts[index]
     hero = _CHARACTER[truth.protagonist]
     friends = [_CHARACTER[name] for name in truth.characters[1:]]
-    return draw.compose(size, _STYLE[truth.style], _SCENE[truth.scene], hero, friends, truth.props, layout,
-                        wave_friend=truth.event.startswith(("meet:", "part:")), seed=(story.seed, index))
+    return draw.compose(
+        size,
+        _STYLE[truth.style],
+        _SCENE[truth.scene],
+        hero,
+        friends,
+        truth.props,
+        layout,
+        wave_friend=truth.event.startswith(("meet:", "part:")),
+        seed=(story.seed, index),
+    )
 
 
 def render_character_sheet(size: int = 64) -> Image.Image:

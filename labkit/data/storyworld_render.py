@@ -11,13 +11,12 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from types import MappingProxyType
-from typing import TYPE_CHECKING, Callable, Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 
-if TYPE_CHECKING:
-    from .storyworld import Character, FrameLayout, Scene, Style
+from labkit.data.catalogue import Character, FrameLayout, Scene, Style
 
 RGB = tuple[int, int, int]
 Points = tuple[tuple[float, float], ...]
@@ -40,22 +39,34 @@ def _superellipse(n: float, k: int = 48) -> Points:
 
 
 def _star(k: int = 5) -> Points:
-    return _normalise([((0.5 if j % 2 == 0 else 0.22) * math.sin(math.pi * j / k),
-                        -(0.5 if j % 2 == 0 else 0.22) * math.cos(math.pi * j / k)) for j in range(2 * k)])
+    return _normalise(
+        [
+            (
+                (0.5 if j % 2 == 0 else 0.22) * math.sin(math.pi * j / k),
+                -(0.5 if j % 2 == 0 else 0.22) * math.cos(math.pi * j / k),
+            )
+            for j in range(2 * k)
+        ]
+    )
 
 
 def _heart(k: int = 40) -> Points:
     ts = [2 * math.pi * j / k for j in range(k)]
-    return _normalise([(16 * math.sin(t) ** 3, -(13 * math.cos(t) - 5 * math.cos(2 * t) - 2 * math.cos(3 * t) - math.cos(4 * t)))
-                       for t in ts])
+    return _normalise(
+        [
+            (16 * math.sin(t) ** 3, -(13 * math.cos(t) - 5 * math.cos(2 * t) - 2 * math.cos(3 * t) - math.cos(4 * t)))
+            for t in ts
+        ]
+    )
 
 
 def _pear(k: int = 24) -> Points:
     # a small head circle on a big belly circle, traced down the right side and up the left
     def half(y: float) -> float:
-        head = 0.2 ** 2 - (y - 0.2) ** 2
-        belly = 0.3 ** 2 - (y - 0.7) ** 2
+        head = 0.2**2 - (y - 0.2) ** 2
+        belly = 0.3**2 - (y - 0.7) ** 2
         return max(math.sqrt(max(head, 0.0)) * 1.25, math.sqrt(max(belly, 0.0)) * 1.2)
+
     ys = [j / k for j in range(k + 1)]
     right = [(half(y), y) for y in ys]
     return _normalise(right + [(-x, y) for x, y in reversed(right)])
@@ -70,16 +81,18 @@ class _Body:
     neck_y: float  # where a scarf or cape sits
 
 
-_BODIES = MappingProxyType({
-    "round": _Body(_superellipse(2), 1.0, 0.38, 0.17, 0.64),
-    "square": _Body(_superellipse(6), 0.95, 0.34, 0.18, 0.62),
-    "triangle": _Body(((0.0, 0.0), (0.5, 1.0), (-0.5, 1.0)), 1.1, 0.62, 0.12, 0.8),
-    "oval": _Body(_superellipse(2), 0.6, 0.3, 0.12, 0.6),
-    "star": _Body(_star(), 1.05, 0.48, 0.1, 0.62),
-    "diamond": _Body(((0.0, 0.0), (0.5, 0.5), (0.0, 1.0), (-0.5, 0.5)), 0.8, 0.42, 0.12, 0.62),
-    "heart": _Body(_heart(), 1.05, 0.36, 0.17, 0.62),
-    "pear": _Body(_pear(), 0.8, 0.2, 0.1, 0.42),
-})
+_BODIES = MappingProxyType(
+    {
+        "round": _Body(_superellipse(2), 1.0, 0.38, 0.17, 0.64),
+        "square": _Body(_superellipse(6), 0.95, 0.34, 0.18, 0.62),
+        "triangle": _Body(((0.0, 0.0), (0.5, 1.0), (-0.5, 1.0)), 1.1, 0.62, 0.12, 0.8),
+        "oval": _Body(_superellipse(2), 0.6, 0.3, 0.12, 0.6),
+        "star": _Body(_star(), 1.05, 0.48, 0.1, 0.62),
+        "diamond": _Body(((0.0, 0.0), (0.5, 0.5), (0.0, 1.0), (-0.5, 0.5)), 0.8, 0.42, 0.12, 0.62),
+        "heart": _Body(_heart(), 1.05, 0.36, 0.17, 0.62),
+        "pear": _Body(_pear(), 0.8, 0.2, 0.1, 0.42),
+    }
+)
 
 
 def _half_width(points: Points, y: float) -> float:
@@ -118,7 +131,9 @@ class _Pen:
         s = self.s
         self.d.rectangle((x0 * s, y0 * s, max(x0, x1) * s, max(y0, y1) * s), fill=self.c(rgb), **self._ink(edge))
 
-    def ellipse(self, cx: float, cy: float, rx: float, ry: float, rgb: RGB, edge: bool = True, raw: bool = False) -> None:
+    def ellipse(
+        self, cx: float, cy: float, rx: float, ry: float, rgb: RGB, edge: bool = True, raw: bool = False
+    ) -> None:
         s = self.s
         fill = rgb if raw else self.c(rgb)
         self.d.ellipse(((cx - rx) * s, (cy - ry) * s, (cx + rx) * s, (cy + ry) * s), fill=fill, **self._ink(edge))
@@ -129,8 +144,13 @@ class _Pen:
 
     def arc(self, cx: float, cy: float, r: float, start: float, end: float, rgb: RGB, width: float) -> None:
         s = self.s
-        self.d.arc(((cx - r) * s, (cy - r) * s, (cx + r) * s, (cy + r) * s), start, end, fill=self.c(rgb),
-                   width=max(1, round(width * s)))
+        self.d.arc(
+            ((cx - r) * s, (cy - r) * s, (cx + r) * s, (cy + r) * s),
+            start,
+            end,
+            fill=self.c(rgb),
+            width=max(1, round(width * s)),
+        )
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -174,8 +194,13 @@ def _castle(p: _Pen, sc: "Scene", sh: float, rnd: np.random.Generator) -> None:
 
 def _city(p: _Pen, sc: "Scene", sh: float, rnd: np.random.Generator) -> None:
     hz = sc.horizon
-    for x, w, h, rgb in ((-0.05, 0.22, 0.42, (180, 90, 70)), (0.2, 0.18, 0.55, (120, 130, 160)),
-                         (0.41, 0.2, 0.36, (210, 170, 110)), (0.64, 0.16, 0.5, (150, 110, 150)), (0.83, 0.24, 0.4, (110, 150, 140))):
+    for x, w, h, rgb in (
+        (-0.05, 0.22, 0.42, (180, 90, 70)),
+        (0.2, 0.18, 0.55, (120, 130, 160)),
+        (0.41, 0.2, 0.36, (210, 170, 110)),
+        (0.64, 0.16, 0.5, (150, 110, 150)),
+        (0.83, 0.24, 0.4, (110, 150, 140)),
+    ):
         x += sh
         p.rect(x, hz - h, x + w, hz, rgb)
         for row in range(int(h / 0.12)):
@@ -190,7 +215,10 @@ def _mountain(p: _Pen, sc: "Scene", sh: float, rnd: np.random.Generator) -> None
     for x, h, w in ((0.2, 0.45, 0.3), (0.62, 0.55, 0.36), (0.98, 0.4, 0.28)):
         x += sh
         p.poly(((x, hz - h), (x + w, hz + 0.01), (x - w, hz + 0.01)), (112, 122, 146))
-        p.poly(((x, hz - h), (x + w * 0.32, hz - h * 0.68), (x, hz - h * 0.6), (x - w * 0.32, hz - h * 0.68)), (255, 255, 255))
+        p.poly(
+            ((x, hz - h), (x + w * 0.32, hz - h * 0.68), (x, hz - h * 0.6), (x - w * 0.32, hz - h * 0.68)),
+            (255, 255, 255),
+        )
     for _ in range(10):
         x, y = rnd.uniform(0, 1), rnd.uniform(0, hz)
         p.ellipse(x, y, 0.01, 0.01, (255, 255, 255), edge=False)
@@ -217,7 +245,9 @@ def _meadow(p: _Pen, sc: "Scene", sh: float, rnd: np.random.Generator) -> None:
         p.ellipse(x + sh, 0.16, 0.07, 0.05, (255, 255, 255), edge=False)
     for _ in range(12):
         x, y = rnd.uniform(0.02, 0.98), rnd.uniform(hz + 0.05, 0.98)
-        p.ellipse(x, y, 0.016, 0.016, ((250, 250, 250), (240, 70, 80), (250, 220, 50))[int(rnd.integers(3))], edge=False)
+        p.ellipse(
+            x, y, 0.016, 0.016, ((250, 250, 250), (240, 70, 80), (250, 220, 50))[int(rnd.integers(3))], edge=False
+        )
 
 
 def _cave(p: _Pen, sc: "Scene", sh: float, rnd: np.random.Generator) -> None:
@@ -232,10 +262,18 @@ def _cave(p: _Pen, sc: "Scene", sh: float, rnd: np.random.Generator) -> None:
         p.poly(((x + 0.05, y - 0.09), (x + 0.08, y), (x + 0.02, y)), (160, 120, 240))
 
 
-_SCENE_DRAW: MappingProxyType[str, Callable] = MappingProxyType({
-    "forest": _forest, "beach": _beach, "castle": _castle, "city": _city,
-    "mountain": _mountain, "desert": _desert, "meadow": _meadow, "cave": _cave,
-})
+_SCENE_DRAW: MappingProxyType[str, Callable] = MappingProxyType(
+    {
+        "forest": _forest,
+        "beach": _beach,
+        "castle": _castle,
+        "city": _city,
+        "mountain": _mountain,
+        "desert": _desert,
+        "meadow": _meadow,
+        "cave": _cave,
+    }
+)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -252,9 +290,15 @@ def _character(p: _Pen, ch: "Character", cx: float, ground: float, height: float
     back = -facing
     neck_y, neck_hw = top + body.neck_y * u, _half_width(body.points, body.neck_y) * w
     if ch.accessory == "cape":  # behind the body, blowing out behind
-        p.poly(((cx - neck_hw * 0.8, neck_y - 0.12 * u), (cx + neck_hw * 0.8, neck_y - 0.12 * u),
-                (cx + back * (neck_hw + 0.42 * u), bottom + 0.04 * u), (cx - back * neck_hw * 0.7, bottom + 0.04 * u)),
-               ch.accessory_rgb)
+        p.poly(
+            (
+                (cx - neck_hw * 0.8, neck_y - 0.12 * u),
+                (cx + neck_hw * 0.8, neck_y - 0.12 * u),
+                (cx + back * (neck_hw + 0.42 * u), bottom + 0.04 * u),
+                (cx - back * neck_hw * 0.7, bottom + 0.04 * u),
+            ),
+            ch.accessory_rgb,
+        )
     if ch.accessory == "backpack":
         bx = cx + back * (_half_width(body.points, 0.55) * w + 0.05 * u)
         p.rect(bx - 0.18 * u, top + 0.3 * u, bx + 0.18 * u, top + 0.86 * u, ch.accessory_rgb)
@@ -278,31 +322,54 @@ def _character(p: _Pen, ch: "Character", cx: float, ground: float, height: float
         if ch.accessory == "glasses":
             p.arc(ex, ey, 0.14 * u, 0, 360, ch.accessory_rgb, 0.06 * u)
     if ch.accessory == "glasses":
-        p.line(((cx - body.eye_dx * u + 0.13 * u + look, ey), (cx + body.eye_dx * u - 0.13 * u + look, ey)),
-               ch.accessory_rgb, 0.04 * u)
+        p.line(
+            ((cx - body.eye_dx * u + 0.13 * u + look, ey), (cx + body.eye_dx * u - 0.13 * u + look, ey)),
+            ch.accessory_rgb,
+            0.04 * u,
+        )
     p.arc(cx + look, ey + 0.1 * u, 0.08 * u, 30, 150, LIMB, 0.035 * u)
     _accessory(p, ch, cx, top, u, facing, neck_y, neck_hw)
 
 
-def _accessory(p: _Pen, ch: "Character", cx: float, top: float, u: float, facing: int, neck_y: float, neck_hw: float) -> None:
+def _accessory(
+    p: _Pen, ch: "Character", cx: float, top: float, u: float, facing: int, neck_y: float, neck_hw: float
+) -> None:
     kind, rgb = ch.accessory, ch.accessory_rgb
     if kind == "hat":
         p.rect(cx - 0.19 * u, top - 0.34 * u, cx + 0.19 * u, top - 0.02 * u, rgb)
         p.rect(cx - 0.19 * u, top - 0.1 * u, cx + 0.19 * u, top - 0.03 * u, (40, 40, 40), edge=False)
         p.rect(cx - 0.32 * u, top - 0.04 * u, cx + 0.32 * u, top + 0.04 * u, rgb)
     elif kind == "crown":
-        p.poly([(cx + dx * u, top + dy * u) for dx, dy in
-                ((-0.25, 0.05), (-0.25, -0.24), (-0.12, -0.1), (0, -0.3), (0.12, -0.1), (0.25, -0.24), (0.25, 0.05))], rgb)
+        p.poly(
+            [
+                (cx + dx * u, top + dy * u)
+                for dx, dy in (
+                    (-0.25, 0.05),
+                    (-0.25, -0.24),
+                    (-0.12, -0.1),
+                    (0, -0.3),
+                    (0.12, -0.1),
+                    (0.25, -0.24),
+                    (0.25, 0.05),
+                )
+            ],
+            rgb,
+        )
     elif kind == "bow":
         for side in (-1, 1):
-            p.poly(((cx, top - 0.02 * u), (cx + side * 0.28 * u, top - 0.2 * u), (cx + side * 0.28 * u, top + 0.12 * u)), rgb)
+            p.poly(
+                ((cx, top - 0.02 * u), (cx + side * 0.28 * u, top - 0.2 * u), (cx + side * 0.28 * u, top + 0.12 * u)),
+                rgb,
+            )
         p.ellipse(cx, top - 0.03 * u, 0.07 * u, 0.07 * u, rgb)
     elif kind == "scarf":
         p.rect(cx - neck_hw - 0.03 * u, neck_y - 0.08 * u, cx + neck_hw + 0.03 * u, neck_y + 0.07 * u, rgb)
         tail = cx - facing * neck_hw * 0.55
         p.rect(tail - 0.07 * u, neck_y, tail + 0.07 * u, neck_y + 0.34 * u, rgb)
     elif kind == "backpack":  # the straps, in front
-        p.line(((cx - facing * neck_hw * 0.5, top + 0.3 * u), (cx - facing * neck_hw * 0.5, top + 0.8 * u)), rgb, 0.07 * u)
+        p.line(
+            ((cx - facing * neck_hw * 0.5, top + 0.3 * u), (cx - facing * neck_hw * 0.5, top + 0.8 * u)), rgb, 0.07 * u
+        )
     elif kind == "antenna":
         tip = (cx + facing * 0.1 * u, top - 0.34 * u)
         p.line(((cx, top + 0.04 * u), tip), rgb, 0.05 * u)
@@ -324,26 +391,48 @@ def _prop(p: _Pen, name: str, cx: float, cy: float, r: float) -> None:
         p.line(((cx - 0.35 * r, cy + 0.35 * r), (cx + 0.35 * r, cy - 0.35 * r)), (210, 40, 40), 0.16 * r)
     elif name == "ball":
         p.ellipse(cx, cy, 0.75 * r, 0.75 * r, (40, 110, 240))
-        p.d.pieslice(((cx - 0.75 * r) * p.s, (cy - 0.75 * r) * p.s, (cx + 0.75 * r) * p.s, (cy + 0.75 * r) * p.s),
-                     180, 360, fill=p.c((240, 50, 50)))
+        p.d.pieslice(
+            ((cx - 0.75 * r) * p.s, (cy - 0.75 * r) * p.s, (cx + 0.75 * r) * p.s, (cy + 0.75 * r) * p.s),
+            180,
+            360,
+            fill=p.c((240, 50, 50)),
+        )
     elif name == "flower":
         p.line(((cx, cy + r), (cx, cy)), (40, 150, 50), 0.15 * r)
         for k in range(5):
             a = 2 * math.pi * k / 5
-            p.ellipse(cx + 0.38 * r * math.sin(a), cy - 0.3 * r - 0.38 * r * math.cos(a), 0.26 * r, 0.26 * r,
-                      (250, 250, 255), edge=False)
+            p.ellipse(
+                cx + 0.38 * r * math.sin(a),
+                cy - 0.3 * r - 0.38 * r * math.cos(a),
+                0.26 * r,
+                0.26 * r,
+                (250, 250, 255),
+                edge=False,
+            )
         p.ellipse(cx, cy - 0.3 * r, 0.2 * r, 0.2 * r, (250, 200, 30), edge=False)
     elif name == "shell":
-        p.d.pieslice(((cx - 0.8 * r) * p.s, (cy - 0.6 * r) * p.s, (cx + 0.8 * r) * p.s, (cy + r) * p.s), 180, 360,
-                     fill=p.c((250, 170, 150)), **p._ink(True))
+        p.d.pieslice(
+            ((cx - 0.8 * r) * p.s, (cy - 0.6 * r) * p.s, (cx + 0.8 * r) * p.s, (cy + r) * p.s),
+            180,
+            360,
+            fill=p.c((250, 170, 150)),
+            **p._ink(True),
+        )
         for dx in (-0.4, 0.0, 0.4):
             p.line(((cx, cy + 0.2 * r), (cx + dx * r, cy - 0.5 * r)), (200, 110, 100), 0.08 * r)
     elif name == "book":
         p.rect(cx - 0.7 * r, cy - 0.8 * r, cx + 0.7 * r, cy + 0.8 * r, (60, 80, 200))
         p.rect(cx + 0.45 * r, cy - 0.7 * r, cx + 0.65 * r, cy + 0.7 * r, (250, 250, 250), edge=False)
     elif name == "bell":
-        p.poly(((cx - 0.35 * r, cy - 0.6 * r), (cx + 0.35 * r, cy - 0.6 * r), (cx + 0.8 * r, cy + 0.5 * r),
-                (cx - 0.8 * r, cy + 0.5 * r)), (240, 190, 40))
+        p.poly(
+            (
+                (cx - 0.35 * r, cy - 0.6 * r),
+                (cx + 0.35 * r, cy - 0.6 * r),
+                (cx + 0.8 * r, cy + 0.5 * r),
+                (cx - 0.8 * r, cy + 0.5 * r),
+            ),
+            (240, 190, 40),
+        )
         p.ellipse(cx, cy + 0.65 * r, 0.2 * r, 0.2 * r, (140, 90, 20), edge=False)
 
 
@@ -351,8 +440,17 @@ def _prop(p: _Pen, name: str, cx: float, cy: float, r: float) -> None:
 # One frame
 
 
-def compose(size: int, style: "Style", scene: "Scene", hero: "Character", friends: Sequence["Character"],
-            props: Sequence[str], layout: "FrameLayout", wave_friend: bool = False, seed: tuple[int, int] = (0, 0)) -> Image.Image:
+def compose(
+    size: int,
+    style: "Style",
+    scene: "Scene",
+    hero: "Character",
+    friends: Sequence["Character"],
+    props: Sequence[str],
+    layout: "FrameLayout",
+    wave_friend: bool = False,
+    seed: tuple[int, int] = (0, 0),
+) -> Image.Image:
     """Draw one frame: scene, companions, props and the protagonist, then the style's finishing passes."""
     rnd = np.random.default_rng([int(v) % 2**63 for v in seed])
     s = max(16, size // style.pixel) if style.pixel > 1 else (2 * size if size <= 512 else size)
@@ -365,7 +463,15 @@ def compose(size: int, style: "Style", scene: "Scene", hero: "Character", friend
     if style.stars and scene.name != "cave":  # caves have no sky
         back.ellipse(0.12, 0.1, 0.05, 0.05, (250, 250, 215), edge=False, raw=True)
         for _ in range(14):
-            back.ellipse(rnd.uniform(0, 1), rnd.uniform(0, scene.horizon * 0.8), 0.011, 0.011, (255, 255, 230), edge=False, raw=True)
+            back.ellipse(
+                rnd.uniform(0, 1),
+                rnd.uniform(0, scene.horizon * 0.8),
+                0.011,
+                0.011,
+                (255, 255, 230),
+                edge=False,
+                raw=True,
+            )
     _SCENE_DRAW[scene.name](back, scene, layout.shift, rnd)
 
     shadow = _mix(scene.ground, (0, 0, 0), 0.3)
@@ -398,8 +504,10 @@ def _finish(bg: Image.Image, fg: Image.Image, size: int, style: "Style", rnd: np
     out = base * (1 - alpha) + layer[..., :3] * alpha
     n = out.shape[0]
     if style.blur:
-        out = np.asarray(Image.fromarray(np.clip(out, 0, 255).astype(np.uint8)).filter(
-            ImageFilter.GaussianBlur(style.blur * n)), dtype=np.float32)
+        out = np.asarray(
+            Image.fromarray(np.clip(out, 0, 255).astype(np.uint8)).filter(ImageFilter.GaussianBlur(style.blur * n)),
+            dtype=np.float32,
+        )
     if style.grain:  # blotchy washes plus fine paper tooth
         blotch = Image.fromarray(rnd.normal(0, 1, (6, 6)).astype(np.float32), mode="F").resize((n, n), Image.BILINEAR)
         texture = 0.7 * np.asarray(blotch)[..., None] + 0.3 * rnd.normal(0, 1, (n, n, 1))

@@ -1,7 +1,7 @@
 """The text tokenizer: byte-level BPE trained with `tokenizers` on the training captions.
 
 SEED-Story extends Llama-2's SentencePiece vocabulary (32000) with 66 tokens: `<img>`, `</img>` and
-`<img_00000>`..`<img_00063>`, one per image query (brief §2). The lab does the same on a small BPE
+`<img_00000>`..`<img_00063>`, one per image query (`src/models_clm/models.py`). The lab does the same on a small BPE
 vocabulary. One difference, for short tiny-preset sequences: `[INST]`, plain text in the official code
 (several SentencePiece pieces), is one special token here.
 """
@@ -14,8 +14,8 @@ from typing import Iterable, Sequence
 
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
-from ..atomic import write_text
-from ..errors import LabError
+from labkit.core.atomic import write_text
+from labkit.core.errors import LabError
 
 BOS, EOS, PAD, UNK = "<s>", "</s>", "<pad>", "<unk>"
 BOI, EOI = "<img>", "</img>"  # begin / end of image
@@ -88,7 +88,9 @@ class StoryTokenizer:
         folder = Path(folder)
         for name in ("tokenizer.json", CONFIG_NAME):
             if not (folder / name).is_file():
-                raise LabError(f"{folder / name}: not found (a story tokenizer folder holds tokenizer.json and {CONFIG_NAME}; "
-                               "`labkit data make` writes one)")
+                raise LabError(
+                    f"{folder / name}: not found (a story tokenizer folder holds tokenizer.json and {CONFIG_NAME}; "
+                    "`labkit data make` writes one)"
+                )
         config = json.loads((folder / CONFIG_NAME).read_text(encoding="utf-8"))
         return cls(Tokenizer.from_file(str(folder / "tokenizer.json")), int(config["num_image_tokens"]))

@@ -1,0 +1,282 @@
+"""`labkit report`: run the lab's notebooks with papermill over the ablation grid; write `reports/<preset>/`.
+
+Three kinds of runs, in order: the course notebooks 00-06 (each once, on the reference checkpoints), the grid's
+runs (`grids/<preset>.yaml`: notebook 07 once per policy × length × adaptation × seed) and notebook 08, which
+aggregates them. A run whose executed notebook exists with the same parameters is reused, so an interrupted
+report resumes and a second one costs seconds. A failing run is recorded (its error and the partial notebook)
+and the others go on; the command then exits non-zero. Outputs::
+
+    reports/<preset>/executed/<run>.ipynb       executed notebooks (`<run>.partial.ipynb` for failed ones)
+    reports/<preset>/html/<run>.html            HTML exports
+    reports/<preset>/runs/<run>/                a grid run's metrics.json and strip.png
+    reports/<preset>/summary.json               preset, commit, packages, wall time, runs, table2, table4, findings
+    reports/<preset>/index.md, index.html       the paper's tables beside the lab's, findings, runs
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import time
+from pathlib import Path
+
+from tqdm.auto import tqdm
+
+from labkit.core.artifacts import ARTIFACTS, locate_artifact, read_manifest, require
+from labkit.core.atomic import write_text
+from labkit.core.paths import portable_path, project_root
+from labkit.core.presets import get_preset
+from labkit.core.provenance import git_commit, package_versions
+from labkit.data.storystream_mini import ensure_dataset
+from labkit.experiments.story_ablation import finite
+from labkit.report.grid import GridRun, default_grid, load_grid, undeclared_parameters
+from labkit.report.index import index_html, index_markdown
+from labkit.report.paper_tables import findings, stress, table2, table4
+
+
+def _portable(parameters: dict) -> dict:
+    return {k: portable_path(v) if isinstance(v, str) and v.startswith("/") else v for k, v in parameters.items()}
+
+
+# Floating point depends on how many threads split a sum, so every notebook of the report runs with the same
+# count on any machine: 2, the cores of the laptop CPU the committed report was made on (README, "Reproducibility").
+REPORT_THREADS = 2
+THREAD_VARIABLES = ("OMP_NUM_THREADS", "MKL_NUM_THREADS")
+
+
+@contextlib.contextmanager
+def fixed_threads(count: int):
+    """Set the thread-count variables that the notebook kernels read at start-up; restore them afterwards."""
+    saved = {name: os.environ.get(name) for name in THREAD_VARIABLES}
+    os.environ.update({name: str(count) for name in THREAD_VARIABLES})
+    try:
+        yield
+    finally:
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+
+
+def course_runs(preset: str, data: str) -> list[GridRun]:
+    """The notebooks every report runs once, each on the reference checkpoints (`train_live=False`)."""
+    common = {"data_dir": data, "preset": preset}
+    return [
+        GridRun("00_quickstart.ipynb", common, "Quickstart: a 25-segment story from the trained tiny model"),
+        GridRun("01_storystream_data.ipynb", common, "The StoryStream data and the story world"),
+        GridRun(
+            "02_visual_tokenizer.ipynb", {**common, "train_live": False}, "Stage 0: the visual tokenizer and the judges"
+        ),
+        GridRun(
+            "03_stage1_detokenizer.ipynb",
+            {**common, "train_live": False},
+            "Stage 1: the VAE and the de-tokenizer: reconstructions from features",
+        ),
+        GridRun(
+            "04_stage2_mllm.ipynb",
+            {**common, "train_live": False},
+            "Stage 2: the MLLM: losses, captions, regressed features",
+        ),
+        GridRun(
+            "05_attention_sinks.ipynb",
+            {"preset": preset, "trace_segments": 25, "long_context_stories": 4, "stress_stories": 1},
+            "KV-cache policies, the RoPE clock, long-context curves (30 and 100 segments), attention sinks",
+        ),
+        GridRun(
+            "06_stage3_adaptation.ipynb",
+            {**common, "train_live": False},
+            "Stage 3: adapting the de-tokenizer, official vs full (the paper's Table 4)",
+        ),
+    ]
+
+
+def _grid_runs(grid: Path, preset: str, out: Path) -> list[GridRun]:
+    runs = load_grid(grid)
+    for run in runs:
+        run.parameters = {**run.parameters, "preset": preset, "out_dir": str(out / "runs" / run.run_id)}
+    return runs
+
+
+def _with_data(runs: list[GridRun], data: str) -> list[GridRun]:
+    for run in runs:
+        run.parameters = {**run.parameters, "data_dir": data}
+    return runs
+
+
+def _prune(out: Path, keep: set[str]) -> None:
+    """Remove grid cells of earlier reports that the current grid no longer has (the tables read every cell)."""
+    import shutil
+
+    for folder in (out / "runs").glob("*"):
+        if folder.is_dir() and folder.name not in keep:
+            shutil.rmtree(folder)
+
+
+def _records_digest(out: Path) -> str:
+    import hashlib
+
+    digest = hashlib.sha256()
+    for path in sorted((out / "runs").glob("*/metrics.json")):
+        digest.update(path.parent.name.encode() + path.read_bytes())
+    return digest.hexdigest()[:16]
+
+
+def _run_digest(run: GridRun, source: Path) -> str:
+    """The run's parameters and its notebook's text: a finished run is reused only if neither changed."""
+    import hashlib
+
+    text = source.read_bytes() if source.is_file() else b""
+    return hashlib.sha256(run.digest().encode() + text).hexdigest()[:16]
+
+
+def _execute(run: GridRun, out: Path, rerun: bool = False) -> dict:
+    """Run one notebook unless an identical run already finished; never raises for a failing notebook."""
+    import nbformat
+    import papermill
+    from nbconvert import HTMLExporter
+
+    executed = out / "executed" / f"{run.run_id}.ipynb"
+    partial = executed.with_suffix(".partial.ipynb")
+    stamp = executed.with_suffix(".json")
+    source = project_root() / "notebooks" / run.notebook
+    digest = _run_digest(run, source)
+    result = {
+        "run": run.run_id,
+        "notebook": run.notebook,
+        "title": run.title,
+        "parameters": _portable(run.parameters),
+        "axes": run.axes,
+        "status": "ok",
+        "seconds": 0.0,
+    }
+    finished = json.loads(stamp.read_text(encoding="utf-8")) if stamp.is_file() and executed.is_file() else {}
+    if not rerun and finished.get("digest") == digest:
+        return {**result, "status": "reused", "seconds": finished["seconds"]}
+    if not source.is_file():
+        return {**result, "status": "failed", "error": f"{source}: notebook not found", "partial": None}
+    undeclared = undeclared_parameters(source, run.parameters)
+    if undeclared:
+        return {
+            **result,
+            "status": "failed",
+            "partial": None,
+            "error": f"{run.notebook}: no such parameter(s) {undeclared} in its parameters cell "
+            "(check the grid's keys)",
+        }
+    executed.parent.mkdir(parents=True, exist_ok=True)
+    stale = out / "runs" / run.run_id / "metrics.json"  # a cell's record must come from this very run
+    stale.unlink(missing_ok=True)
+    start = time.perf_counter()
+    try:
+        papermill.execute_notebook(
+            str(source),
+            str(partial),
+            parameters=run.parameters,
+            cwd=str(source.parent),
+            progress_bar=False,
+            kernel_name="python3",
+        )
+    except Exception as error:  # a notebook failing mid-run: record it, keep the partial notebook, go on
+        lines = [line for line in str(error).strip().splitlines() if line.strip()]
+        return {
+            **result,
+            "status": "failed",
+            "seconds": round(time.perf_counter() - start, 2),
+            "error": lines[-1] if lines else type(error).__name__,
+            "partial": portable_path(partial),
+        }
+    seconds = round(time.perf_counter() - start, 2)
+    partial.replace(executed)
+    body, _ = HTMLExporter().from_notebook_node(nbformat.read(executed, as_version=4))
+    write_text(out / "html" / f"{run.run_id}.html", body)
+    write_text(stamp, json.dumps({"digest": digest, "seconds": seconds}) + "\n")
+    return {**result, "seconds": seconds}
+
+
+def collect_records(out: Path) -> list[dict]:
+    """Every finished grid cell's record (runs/<run>/metrics.json), sorted by run name, with `run` set."""
+    return [
+        {**json.loads(p.read_text(encoding="utf-8")), "run": p.parent.name}
+        for p in sorted((Path(out) / "runs").glob("*/metrics.json"))
+    ]
+
+
+def build_tables(out: Path | str, preset: str = "tiny") -> dict:
+    """table2, table4, stress and findings from the cells under `out`, with the judges' own accuracies."""
+    records = collect_records(Path(out))
+    manifests = {}
+    for mode in ("official", "full"):
+        folder = locate_artifact(f"detokenizer_{mode}", preset)
+        if folder is not None:
+            manifests[mode] = read_manifest(folder)
+    judges = locate_artifact("judges", preset)
+    t2, t4 = table2(records), table4(records, manifests)
+    return {
+        "table2": t2,
+        "table4": t4,
+        "stress": stress(records),
+        "findings": findings(t2, t4),
+        "judges": read_manifest(judges)["metrics"] if judges else None,
+    }
+
+
+def run_report(
+    preset: str = "tiny",
+    out: Path | None = None,
+    grid: Path | str | None = None,
+    progress: bool = True,
+    course: bool = True,
+    data_root: Path | str | None = None,
+    rerun: bool = False,
+) -> tuple[Path, list[dict]]:
+    """Run every notebook of the report and write its folder; returns (index.md, the failed runs).
+
+    `course=False` runs only the grid and notebook 08; `data_root` replaces the preset's data set; `rerun`
+    executes every notebook even if an identical run finished (after changing labkit's code, say)."""
+    import torch
+
+    config = get_preset(preset)  # fail fast on an unknown preset, before any work
+    out = Path(out).resolve() if out else project_root() / "reports" / preset  # notebooks run in notebooks/
+    runs = _grid_runs(Path(grid) if grid else default_grid(preset), preset, out)  # a bad grid file stops here
+    for name in ARTIFACTS:  # the report never trains: anything missing is an error naming its `labkit train` command
+        require(name, preset)
+    _prune(out, {run.run_id for run in runs})
+    start = time.perf_counter()
+    data = str(Path(data_root).resolve()) if data_root else str(ensure_dataset(config, progress))
+    runs = (course_runs(preset, data) if course else []) + _with_data(runs, data)
+    results = []
+    bar = tqdm(total=len(runs) + 1, desc="report", unit="run", disable=not progress)
+    with fixed_threads(REPORT_THREADS):  # the kernels papermill starts inherit it
+        for run in runs:
+            bar.set_postfix_str(run.run_id)
+            results.append(_execute(run, out, rerun))
+            bar.update()
+        final = GridRun(
+            "08_report.ipynb",
+            {"preset": preset, "report_dir": str(out), "cells": _records_digest(out)},
+            "The report: the paper's Table 2 and Table 4 beside the lab's, and the findings",
+        )
+        results.append(_execute(final, out, rerun))
+    bar.update()
+    bar.close()
+    for result in results:
+        record = out / "runs" / result["run"] / "metrics.json"
+        if result["axes"] and result["status"] != "failed" and record.is_file():
+            cell = json.loads(record.read_text(encoding="utf-8"))
+            result.update(metrics=cell["metrics"], timings=cell["timings"])
+    summary = {
+        "preset": preset,
+        "git_commit": git_commit(),
+        "packages": package_versions(),
+        "device": "cuda" if torch.cuda.is_available() else "cpu",
+        "wall_seconds": round(time.perf_counter() - start, 2),
+        "runs": results,
+        **build_tables(out, preset),
+    }
+    write_text(out / "summary.json", json.dumps(finite(summary), indent=1) + "\n")
+    markdown = index_markdown(summary)
+    write_text(out / "index.md", markdown)
+    write_text(out / "index.html", index_html(markdown))
+    return out / "index.md", [r for r in results if r["status"] == "failed"]

