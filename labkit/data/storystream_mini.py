@@ -26,7 +26,7 @@ from labkit.core.atomic import build_directory, write_text
 from labkit.core.errors import LabError, ParameterError
 from labkit.core.paths import artifacts_folder
 from labkit.core.presets import Preset
-from labkit.data.storystream import StoryRecord, read_jsonl, write_jsonl
+from labkit.data.storystream import StoryRecord, image_file, read_jsonl, write_jsonl
 from labkit.data.storyworld import Story, generate_story, render_frame
 from labkit.data.text_tokenizer import StoryTokenizer
 
@@ -152,7 +152,7 @@ class StorySplit:
     annotations: dict[str, dict]  # story id -> annotation line
 
     def image(self, story: int, frame: int) -> Image.Image:
-        with Image.open(self.root / "images" / self.records[story].images[frame]) as image:
+        with Image.open(image_file(self.root / "images", self.records[story].images[frame])) as image:
             return image.convert("RGB")
 
     def story_index(self, story_id: str) -> int:

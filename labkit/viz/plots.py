@@ -11,7 +11,7 @@ from PIL import Image
 from labkit.core.atomic import write_bytes
 from labkit.core.errors import LabError
 from labkit.data.frames import CHARACTER_NAMES, STYLE_NAMES
-from labkit.data.storystream import StoryRecord, default_image_root, read_jsonl
+from labkit.data.storystream import StoryRecord, default_image_root, image_file, read_jsonl
 
 # One colour per token type, used by every layout plot (legend in `plot_layout`).
 TOKEN_COLOURS = {
@@ -32,9 +32,10 @@ def find_story(path: Path, story_id: str, image_root: str | Path | None = None) 
         else [path]
     )
     for file in files:
-        for record in read_jsonl(file):
+        root = Path(image_root) if image_root else default_image_root(file)
+        for record in read_jsonl(file, image_root=root):  # refuses image paths that leave the root, naming the line
             if str(record.id) == str(story_id):
-                return record, Path(image_root) if image_root else default_image_root(file)
+                return record, root
     raise LabError(f"{path}: no story with id {story_id!r}")
 
 
@@ -61,11 +62,12 @@ def save_story_strip(
     record, root = find_story(path, story_id, image_root)
     images = []
     for relative in record.images:
+        file = image_file(root, relative)
         try:
-            with Image.open(root / relative) as image:
+            with Image.open(file) as image:
                 images.append(image.convert("RGB"))
         except (OSError, ValueError) as error:
-            raise LabError(f"{root / relative}: cannot read image ({error})") from None
+            raise LabError(f"{file}: cannot read image ({error})") from None
     for index, caption in enumerate(record.captions):
         print(f"{index:3d}  {caption}")
     target = Path(out) if out else Path(f"story_{story_id}.png")

@@ -111,6 +111,7 @@ REROTATING = {
 BOUND = {"window": 24, "sink": 24, "mm-sink": 46}
 
 
+@pytest.mark.slow  # a forward pass per kept-token count
 @pytest.mark.parametrize("policy", sorted(REROTATING))
 def test_rerotating_policy_equals_fresh_forward_over_kept_tokens(model1, policy):
     ids = story_ids(125)  # 2,000 tokens, 125 images of Q=8: eviction at nearly every step

@@ -122,3 +122,13 @@ def test_report_stops_before_any_work_when_an_artifact_is_missing(
     assert code == 2 and "Traceback" not in err
     assert build_command(name, "tiny") in err
     assert not out.exists() and not (tmp_path / "quick").exists()  # nothing written, nothing trained
+
+
+def test_train_refuses_to_start_without_what_the_stage_reads(scratch_checkpoints, monkeypatch, tmp_path, capsys):
+    _no_quick_artifacts(monkeypatch, tmp_path)
+    shutil.rmtree(scratch_checkpoints / "visual_tokenizer")
+    code = main(["train", "stage2", "--quiet", "--out", str(tmp_path / "mllm")])
+    err = capsys.readouterr().err
+    assert code == 2 and "Traceback" not in err
+    assert build_command("visual_tokenizer", "tiny") in err
+    assert not (tmp_path / "mllm").exists() and not (tmp_path / "quick").exists()
