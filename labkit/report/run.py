@@ -27,7 +27,7 @@ from labkit.core.artifacts import ARTIFACTS, locate_artifact, read_manifest, req
 from labkit.core.atomic import write_text
 from labkit.core.paths import portable_path, project_root
 from labkit.core.presets import get_preset
-from labkit.core.provenance import git_commit, package_versions
+from labkit.core.provenance import cpu_model, git_commit, package_versions
 from labkit.data.storystream_mini import ensure_dataset
 from labkit.experiments.story_ablation import finite
 from labkit.report.grid import GridRun, default_grid, load_grid, undeclared_parameters
@@ -271,6 +271,7 @@ def run_report(
         "git_commit": git_commit(),
         "packages": package_versions(),
         "device": "cuda" if torch.cuda.is_available() else "cpu",
+        "machine": {"cpu": cpu_model(), "cores": os.cpu_count(), "notebook_threads": REPORT_THREADS},
         "wall_seconds": round(time.perf_counter() - start, 2),
         "runs": results,
         **build_tables(out, preset),
