@@ -156,6 +156,7 @@ def rebuild_command(folder: Path, name: str, preset: str) -> str:
 
 def checked_manifest(folder: Path | str, name: str, preset: str) -> dict:
     """`validate_artifact`, with the command that rebuilds the artifact added to any refusal."""
+    artifact_kind(name)  # an unknown name is a ParameterError of its own, not an artifact to rebuild
     try:
         return validate_artifact(folder, name, preset)
     except LabError as error:

@@ -19,7 +19,7 @@ import torch
 from labkit.core.artifacts import build_command
 from labkit.core.atomic import write_text
 from labkit.core.errors import ParameterError
-from labkit.core.paths import artifacts_folder, checkpoints_folder, portable_path
+from labkit.core.paths import artifacts_folder, checkpoints_folder, portable_path, quick_folder
 from labkit.core.presets import Preset
 from labkit.core.provenance import command_line, git_commit, package_versions
 from labkit.data.storystream_mini import ensure_dataset
@@ -97,9 +97,7 @@ def artifact_folders(preset: str, name: str, schedule: str, out: Path | str | No
     if out is not None:
         out = Path(out)
         return out, out.with_name(f".{out.name}.run")
-    default = (
-        checkpoints_folder(preset) / name if schedule == "reference" else artifacts_folder(preset) / "quick" / name
-    )
+    default = checkpoints_folder(preset) / name if schedule == "reference" else quick_folder(preset) / name
     return default, artifacts_folder(preset) / "runs" / f"{name}-{schedule}"
 
 
