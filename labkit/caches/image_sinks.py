@@ -141,6 +141,10 @@ class AsCodedPolicy(Policy):
       fall inside the sink once the sink is longer than a caption: those entries are copied again
       (`kept_positions()` then lists a position twice). Slices follow Python's rules (a negative
       start wraps), exactly as the tensors were sliced.
+    * Timing differs: the official loop trims the context *before* the forward that encodes the newly
+      generated image, so that image never sees the evicted segment; here the plan applies at the end of the
+      forward in which the new image gets its `</img>`, so its tokens still attend to the segment being
+      evicted (docs/paper_to_code.md, "Eviction timing").
     * Keys keep the rotation they got when computed (post-RoPE, never re-rotated). New tokens take
       position = number of held entries (the model's default from `get_seq_length()`), which is the
       official position (index in the truncated context) as long as the retained context is longer

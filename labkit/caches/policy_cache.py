@@ -8,7 +8,9 @@ How a forward of `LlamaForCausalLM` (transformers 5.x) meets the cache:
    At layer 0 the cache opens a step: it consumes the token ids given to `observe`, asks the
    policy which of the n + q entries to keep, and builds the RoPE tables of the step.
 3. Every layer returns the n + q keys/values (the current tokens attend to all of them), then
-   stores only the kept entries: eviction happens after the step, never before it.
+   stores only the kept entries: eviction happens after the step, never before it. (The official loop,
+   `src/inference/vis_george_sink.py`, trims its context before the forward that encodes a new image:
+   docs/paper_to_code.md, "Eviction timing".)
 
 Generation loops call `observe(input_ids)` before each forward (or use `forward_with_cache`),
 so the image-boundary policies know where `<img>`/`</img>` are, and pass neither `position_ids`

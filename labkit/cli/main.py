@@ -199,6 +199,12 @@ def _train(args: argparse.Namespace) -> int:
             print(f"stage 1a VAE: {json.dumps(manifest['metrics'])}")
         manifest = train_stage1(run, vae_folder=vae_folder)
         print(f"stage 1 de-tokenizer: {json.dumps(manifest['metrics'])}")
+    elif args.stage == "lm":
+        from labkit.training.lm import train_lm
+
+        share = {} if args.backcopy_share is None else {"backcopy_share": args.backcopy_share}
+        manifest = train_lm(run, **share)
+        print(f"LM pre-training: {json.dumps(manifest['metrics'])}")
     elif args.stage == "stage3":
         from labkit.training.stage3 import train_stage3
 
@@ -304,6 +310,15 @@ def _stream_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def _sink_check(args: argparse.Namespace) -> int:
+    from labkit.cli.sink_check import format_sink_check, sink_check
+
+    if args.stories < 1:
+        raise LabError(f"parameter --stories: must be >= 1 (got {args.stories})")
+    print(format_sink_check(sink_check(args.preset, args.stories, args.out, progress=not args.quiet)))
+    return 0
+
+
 def _sink_study(args: argparse.Namespace) -> int:
     from labkit.core.atomic import write_text
     from labkit.experiments.sink_emergence import SETTINGS, EmergenceConfig, run_study
@@ -391,10 +406,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     train = commands.add_parser(
         "train",
-        help="train a stage of SEED-Story (stage0: visual tokenizer + judges, stage1: VAE + "
-        "de-tokenizer, stage2: MLLM, stage3: de-tokenizer adaptation)",
+        help="train a stage of SEED-Story (stage0: visual tokenizer + judges, lm: language-model pre-training, "
+        "stage1: VAE + de-tokenizer, stage2: MLLM, stage3: de-tokenizer adaptation)",
     )
-    train.add_argument("stage", choices=("stage0", "stage1", "stage2", "stage3"))
+    train.add_argument("stage", choices=("stage0", "lm", "stage1", "stage2", "stage3"))
     train.add_argument("--preset", default="tiny")
     train.add_argument(
         "--schedule",
@@ -406,10 +421,15 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument(
         "--sampler", default="random-length", help="stage 2 samples: random-length (official) or all-segments"
     )
+    train.add_argument(
+        "--backcopy-share",
+        type=float,
+        help="lm: share of Bigram-Backcopy rows in the pre-training corpus (default: the reference's)",
+    )
     train.add_argument("--data", help="data set folder (default: the preset's, made when missing)")
     train.add_argument(
         "--out",
-        help="artifact folder of stages 1-3 (default: checkpoints/<preset>/<name> for reference, else artifacts/)",
+        help="artifact folder (default: checkpoints/<preset>/<name> for reference, else artifacts/)",
     )
     train.add_argument(
         "--mode",
@@ -500,6 +520,13 @@ def build_parser() -> argparse.ArgumentParser:
     study.add_argument("--out", default="checkpoints/tiny/sink_emergence.json")
     study.add_argument("--quiet", action="store_true")
     study.set_defaults(run=_sink_study)
+
+    check = commands.add_parser("sink-check", help="the trained MLLM's BOS sink per layer and what evicting it costs")
+    check.add_argument("--preset", default="tiny")
+    check.add_argument("--stories", type=int, default=6, help="test stories (25 segments each)")
+    check.add_argument("--out", help="also write the numbers to this JSON file")
+    check.add_argument("--quiet", action="store_true")
+    check.set_defaults(run=_sink_check)
 
     report = commands.add_parser("report", help="run the notebooks with papermill and write a report")
     report.add_argument("--preset", default="tiny")

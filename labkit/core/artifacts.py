@@ -55,8 +55,9 @@ ARTIFACTS: dict[str, ArtifactKind] = {
     for kind in (
         ArtifactKind("visual_tokenizer", "visual_tokenizer", "the visual tokenizer (stage 0)", "stage0"),
         ArtifactKind("judges", "judges", "the judges that score pictures (stage 0)", "stage0"),
+        ArtifactKind("lm", "lm", "the pre-trained language model (before stage 2)", "lm"),
         ArtifactKind("vae", "vae", "the de-tokenizer's VAE (stage 1)", "stage1", ("judges",)),
-        ArtifactKind("mllm", "stage2", "the MLLM (stage 2)", "stage2", ("visual_tokenizer",)),
+        ArtifactKind("mllm", "stage2", "the MLLM (stage 2)", "stage2", ("visual_tokenizer", "lm")),
         ArtifactKind(
             "detokenizer", "stage1", "the de-tokenizer (stage 1)", "stage1", ("vae", "visual_tokenizer", "judges")
         ),

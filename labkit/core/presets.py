@@ -67,7 +67,7 @@ class MLLMPreset:
     num_queries: int  # Q image slots per image (paper: 64)
     resampler_heads: int  # input resampler heads (paper: 4096 / 128 = 32)
     output_heads: int  # output resampler heads
-    lora: LoraPreset | None  # None: train the whole LLM (tiny); paper: r=16, alpha=32, dropout 0.05
+    lora: LoraPreset | None  # None: train the whole LLM (tiny); `paper` preset: PAPER_LORA (released config)
 
 
 @dataclass(frozen=True)

@@ -116,7 +116,8 @@ def generation_ratios(
 
     - `sink` / `mm-sink` time per segment at segment 100 vs segment 10 (target <= 1.15: bounded cost);
     - `dense` KV bytes at 25 segments vs `mm-sink` (target >= 2);
-    - `mm-sink` vs `recompute-window` time per segment at 25 segments (target >= 10x faster).
+    - `mm-sink` vs `recompute-window` time per segment at 25 segments (no target: the released strategy re-encodes
+      its window once per segment, so about 1-2x is the expectation; the old >= 10x target is retired).
     Per-segment times are medians over a few neighbouring segments to damp scheduler noise.
     """
     preset = get_preset("tiny")
@@ -163,7 +164,11 @@ def generation_ratios(
         "kv_bytes_at_25": {p: runs[p][24].kv_bytes for p in ("dense", "mm-sink", "recompute-window", "sink")},
         "recompute_vs_mm_sink_seconds_at_25": round(at("recompute-window", 24) / at("mm-sink", 24), 3),
         "seconds_at_25": {p: round(at(p, 24), 4) for p in runs},
-        "targets": {"ratio_100_vs_10": "<= 1.15", "dense_vs_mm_sink_kv": ">= 2", "recompute_vs_mm_sink_time": ">= 10"},
+        "targets": {
+            "ratio_100_vs_10": "<= 1.15",
+            "dense_vs_mm_sink_kv": ">= 2",
+            "recompute_vs_mm_sink_time": "reported, no target (about 1-2x expected)",
+        },
         "machine": (
             f"{platform.processor() or platform.machine()}, "
             f"{torch.get_num_threads()} threads, torch {torch.__version__}"

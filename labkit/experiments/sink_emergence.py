@@ -27,11 +27,16 @@ from transformers import LlamaForCausalLM
 from labkit.core.presets import PRESETS
 from labkit.core.provenance import git_commit, package_versions
 from labkit.data.frames import load_frames
+from labkit.data.layout import build_layout
+from labkit.data.lm_corpus import backcopy_sequence, story_documents, successor_table
 from labkit.data.storystream_mini import ensure_dataset, load_tokenizer
 from labkit.data.text_tokenizer import StoryTokenizer
-from labkit.inference.attention import attention_maps_plain
+from labkit.experiments.story_ablation import CellConfig, training_window_tokens
+from labkit.inference.attention import attention_maps_plain, multimodal_bos_ratios, plain_bos_ratios
+from labkit.inference.long_context import score_story
 from labkit.inference.stream_eval import stream_nll
-from labkit.models.mllm import llm_config
+from labkit.models.mllm import collate, llm_config
+from labkit.training.lm import caption_probe
 
 SETTINGS = ("story", "story+copy", "backcopy")
 TRIGGERS = 4
@@ -57,29 +62,13 @@ class StreamData:
         self.setting, self.tokenizer, self.config = setting, tokenizer, config
         self.triggers = list(range(tokenizer.vocab_size, tokenizer.vocab_size + TRIGGERS))
         self.vocab_size = tokenizer.vocab_size + TRIGGERS
-        self.stories = [self._pack(story) for story in captions]
-        generator = torch.Generator().manual_seed(config.seed)
-        # each bigram token has 4 likely successors: a sparse random transition table (ids offset past specials)
-        self.successors = torch.randint(0, config.bigram_vocab, (config.bigram_vocab, 4), generator=generator)
-
-    def _pack(self, story: list[str]) -> list[int]:
-        ids = [self.tokenizer.bos_id]
-        for index, caption in enumerate(story):
-            ids += ([self.tokenizer.inst_id] if index else []) + self.tokenizer.encode(caption)
-        return ids
+        self.stories = story_documents(tokenizer, captions)
+        self.successors = successor_table(config.bigram_vocab, config.seed)
 
     def sequence(self, rng: random.Random) -> list[int]:
         n = self.config.length
-        if self.setting == "backcopy":
-            ids, offset = [self.tokenizer.bos_id], 300  # bigram tokens live above the special and short tokens
-            current = rng.randrange(self.config.bigram_vocab)
-            while len(ids) < n:
-                if len(ids) > 2 and rng.random() < 0.1:
-                    ids += [rng.choice(self.triggers), ids[-1]]  # after a trigger: copy the token before it
-                else:
-                    current = int(self.successors[current, rng.randrange(4)])
-                    ids.append(offset + current)
-            return ids[:n]
+        if self.setting == "backcopy":  # here the triggers are extra ids beyond the story tokenizer's vocabulary
+            return backcopy_sequence(rng, n, self.tokenizer.bos_id, self.successors, self.triggers)
         story = self.stories[rng.randrange(len(self.stories))]
         start = rng.randrange(max(1, len(story) - n)) if len(story) > n else 0
         body = story[max(1, start) : max(1, start) + n]
@@ -224,3 +213,64 @@ def reference_study(data_root=None, progress: bool = True) -> dict:
     """Every run of REFERENCE_RUNS (about 100 CPU minutes on one thread), named as in the committed file.
     One of them from the CLI: `labkit sink-study --steps 1600 --lr 3e-3 --weight-decay 0.1 --settings backcopy`."""
     return merge_runs([reference_run(index, data_root, progress) for index in range(len(REFERENCE_RUNS))])
+
+
+# ---- The sink in the trained MLLM (issue 13's target) -------------------------------------------------------------
+
+WITHIN = (2, 10)  # 1-based segments inside the training length (segment 1 is the given opening)
+
+
+def mllm_sink_evidence(
+    model,
+    tokenizer: StoryTokenizer,
+    frames,
+    features: torch.Tensor,
+    llm_folder,
+    preset,
+    stories: int = 6,
+    segments: int = 25,
+) -> dict:
+    """Where the trained MLLM's BOS sink is, and what evicting it costs, on test stories:
+
+    - `bos_multimodal`: per-layer BOS ratio (queries past position 32) on full multimodal test stories;
+    - `bos_plain_captions`: the same for their captions alone, as plain text after `<s>`, fed to the saved
+      transformers folder `llm_folder` (what a user gets from `LlamaForCausalLM.from_pretrained`);
+    - `teacher_forced`: caption NLL of the ground-truth stories under dense, window, sink and mm-sink, with the
+      window at the training length, within it (segments 2-10) and after the first eviction (segments 12-S).
+    """
+    captions = [story[:segments] for story in frames.captions[:stories]]
+    features = features[:stories, :segments]
+    layouts = [build_layout(story, tokenizer, preset.mllm.num_queries, [], []) for story in captions]
+    batch = collate(layouts, [features[i] for i in range(stories)], tokenizer.pad_id)
+    llm = LlamaForCausalLM.from_pretrained(llm_folder).float()
+    window = training_window_tokens(tokenizer, frames.captions, preset.data.chunk_length, preset.mllm.num_queries)
+    cap = CellConfig().cap  # mm-sink's bound, as in the report grid
+    policies = {
+        "dense": {},
+        "window": {"window": window},
+        "sink": {"sink": 4, "window": window},
+        "mm-sink": {"sink": 4, "window": window, "cap": cap},
+    }
+    teacher_forced = {}
+    for policy, params in policies.items():
+        runs = [score_story(model, tokenizer, captions[i], features[i], policy, params) for i in range(stories)]
+        within = [sum(r.nll[WITHIN[0] - 1 : WITHIN[1]]) / (WITHIN[1] - WITHIN[0] + 1) for r in runs]
+        beyond = [sum(r.nll[WITHIN[1] + 1 :]) / len(r.nll[WITHIN[1] + 1 :]) for r in runs]
+        teacher_forced[policy] = {
+            "params": params,
+            "nll_within": sum(within) / stories,
+            "nll_beyond": sum(beyond) / stories,
+            "per_story_beyond": [round(b, 4) for b in beyond],
+        }
+    sink_nll, window_nll = teacher_forced["sink"]["nll_beyond"], teacher_forced["window"]["nll_beyond"]
+    return {
+        "stories": stories,
+        "segments": segments,
+        "window_tokens": window,
+        "bos_multimodal": multimodal_bos_ratios(model, batch, tokenizer),
+        "bos_plain_captions": plain_bos_ratios(llm, caption_probe(tokenizer, captions, stories), tokenizer.pad_id),
+        "teacher_forced": teacher_forced,
+        "window_over_sink_beyond": window_nll / sink_nll,
+        "sink_beyond_over_within": sink_nll / teacher_forced["sink"]["nll_within"],
+        "mm_sink_beyond_over_within": teacher_forced["mm-sink"]["nll_beyond"] / teacher_forced["mm-sink"]["nll_within"],
+    }

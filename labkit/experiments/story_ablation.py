@@ -1,19 +1,28 @@
-"""One cell of the long-story ablation: policy × story length × de-tokenizer adaptation × seed (issue 6).
+"""One cell of the long-story ablation: policy × story length × de-tokenizer adaptation × seeds (issue 6).
 
 The paper's Table 2 continues stories to 25 segments under four attention policies and scores the images
 (FID, CLIP score); its Table 4 compares the de-tokenizer before and after adaptation. A cell here does the same
 at the lab's scale, with the lab's offline metrics (`labkit.metrics.scores`):
 
-1. **Generate** (`generate_stories`): `stories` test-story openings (the first frame's caption and true
-   features) continued by the trained MLLM under one KV-cache policy, text written greedily, images regressed
-   and fed back. Generation does not depend on the de-tokenizer, so the three adaptation cells of a policy
-   share it through an on-disk cache. Stories run one by one: at this size a batch would save little, and
-   one story at a time keeps the per-segment timings and KV sizes exact.
+1. **Generate** (`generate_stories`): for each of the cell's `seeds` seeds, `stories` test-story openings (the
+   first frame's caption and true features) continued by the trained MLLM under one KV-cache policy, text
+   written greedily, images regressed and fed back. Generation does not depend on the de-tokenizer nor on the
+   seed (only the openings do), so cells share it through an on-disk cache keyed by the stories continued.
+   Stories run one by one: at this size a batch would save little, and one story at a time keeps the
+   per-segment timings and KV sizes exact.
 2. **Draw** (`draw_images`): every regressed feature set through the chosen de-tokenizer (`off` = stage 1,
-   `official` / `full` = stage 3's two modes), batched, with the cell's seed.
-3. **Score** (`score_cell`): judge metrics per segment index and over the whole cell; text repetition;
-   teacher-forced perplexity and feature error of the ground-truth stories (`teacher_forced`; they involve
-   no images, so one cell per policy is enough).
+   `official` / `full` = stage 3's two modes), batched, one call per seed with that seed's noise.
+3. **Score** (`labkit.experiments.cell_scores`: `score_cell`): judge metrics per segment index and over the
+   whole cell; text repetition; teacher-forced perplexity and feature error of the ground-truth stories
+   (`teacher_forced`; they involve no images, so one cell per policy is enough); time and KV size per segment.
+
+A *unit* is one (seed, story) pair. Besides the cell-level numbers, a cell records each unit's metrics
+(`metrics.units`), each story's teacher-forced NLL (`metrics.teacher_forced.per_story`) and the judge features
+behind the FID-analogue (`fid_features.safetensors`), so that the report can bootstrap confidence intervals over
+stories and compare policies story by story (same units, paired differences).
+
+The KV window defaults to the training length (`training_window_tokens`: what `chunk_length` segments take in
+stage 2's layout); `budget="matched"` gives the window and sink policies the entries mm-sink is capped at.
 
 `metrics` hold only numbers that the seed fixes (two runs agree exactly); wall-clock numbers live in `timings`.
 """
@@ -23,28 +32,32 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
+from typing import Sequence
 
 import torch
 
 from labkit.core.artifacts import require, weights_hash
 from labkit.core.atomic import save_torch, write_bytes, write_text
-from labkit.core.errors import ParameterError
+from labkit.core.errors import LabError, ParameterError
 from labkit.core.paths import artifacts_folder
 from labkit.core.presets import Preset, get_preset
 from labkit.data.frames import load_frames
+from labkit.data.layout import build_layout
 from labkit.data.storystream_mini import ensure_dataset
 from labkit.experiments.cache_trace import policy_params
+from labkit.experiments.cell_scores import judge_features, score_cell, teacher_forced, timings, unit_scores
 from labkit.inference.generate import STRATEGIES, StoryRun, generate_story
-from labkit.inference.long_context import score_story
-from labkit.metrics import scores as metrics
 from labkit.training.stage0 import features_for_split, load_judges
 from labkit.training.stage1 import load_detokenizer_artifact
 from labkit.training.stage2 import NAME, load_mllm
 
 ADAPTATIONS = {"off": "detokenizer", "official": "detokenizer_official", "full": "detokenizer_full"}
+BUDGETS = ("training", "matched")
+MATCHED_POLICIES = ("window", "sink")  # the policies whose window `budget="matched"` sets to mm-sink's cap
 STRIP_SEGMENTS = (1, 10, 25)  # 1-based segments shown in story strips, as the paper's figures
+FID_FEATURES = "fid_features.safetensors"
 
 
 @dataclass(frozen=True)
@@ -55,10 +68,14 @@ class CellConfig:
     segments: int = 25
     adaptation: str = "off"
     seed: int = 0
-    stories: int = 4
-    window: int = 256  # cache sizes in tokens (a tiny segment is about 40 tokens; training saw 10 segments)
+    seeds: int = 1  # the cell runs seeds seed, seed+1, ..., seed+seeds-1 (models loaded once)
+    stories: int = 4  # per seed
+    # Cache sizes in tokens. window None = the training length (`training_window_tokens`, resolved by
+    # `resolve_config`; about 330 tokens at tiny, where a segment is about 33 tokens and training saw 10).
+    window: int | None = None
     sink: int = 4
     cap: int = 384
+    budget: str = "training"  # "matched": window and sink policies hold mm-sink's `cap` entries in all
     window_images: int = 8  # mm-sink-as-coded keeps this many images, as the official slices
     recompute_segments: int = 8  # recompute-window re-encodes this many segments
     sample_steps: int = 10
@@ -76,8 +93,12 @@ class CellConfig:
             raise ParameterError(
                 "adaptation", f"unknown adaptation {self.adaptation!r}; choose one of {', '.join(ADAPTATIONS)}"
             )
+        if self.budget not in BUDGETS:
+            raise ParameterError("budget", f"unknown budget {self.budget!r}; choose one of {', '.join(BUDGETS)}")
+        optional = ("window",)  # None: resolved from the data (the training length)
         for name in (
             "segments",
+            "seeds",
             "stories",
             "window",
             "sink",
@@ -87,16 +108,44 @@ class CellConfig:
             "sample_steps",
         ):
             value = getattr(self, name)
+            if value is None and name in optional:
+                continue
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ParameterError(name, f"must be a positive integer (got {value!r})")
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
+            raise ParameterError("seed", f"must be an integer >= 0 (got {self.seed!r})")
         if self.segments < 2:
             raise ParameterError("segments", f"must be >= 2: segment 1 is the given opening (got {self.segments})")
+        if self.budget == "matched" and self.policy in MATCHED_POLICIES:
+            if self.cap <= self.sink:
+                raise ParameterError("cap", f"budget 'matched' needs cap > sink ({self.sink}), got {self.cap}")
+            # an explicit window that disagrees with the budget would be silently ignored: refuse it instead
+            if self.window is not None and self.window != matched_window(self):
+                raise ParameterError(
+                    "window",
+                    f"budget 'matched' sets the {self.policy} window to {matched_window(self)} (mm-sink's cap "
+                    f"{self.cap} entries in all); leave window unset (got {self.window})",
+                )
+
+    @property
+    def seed_list(self) -> list[int]:
+        return list(range(self.seed, self.seed + self.seeds))
 
     @property
     def cell_id(self) -> str:
-        return f"{self.policy}-s{self.segments}-{self.adaptation}-seed{self.seed}"
+        # the one-seed, training-budget id is unchanged, so older reports and caches keep their names
+        cell = f"{self.policy}-s{self.segments}-{self.adaptation}-seed{self.seed}"
+        if self.seeds > 1:
+            cell += f"-seeds{self.seeds}"
+        if self.budget == "matched":
+            cell += "-matched"
+        return cell
 
     def cache_params(self) -> dict:
+        """The cache sizes the policy takes; needs a resolved window (`resolve_config`)."""
+        if self.window is None:
+            # `policy_params` would fill in its own default: a cell must never run with a window it did not record
+            raise LabError("the cell's window is not resolved yet: call resolve_config(config, inputs) first")
         return policy_params(
             self.policy, window=self.window, sink=self.sink, cap=self.cap, window_images=self.window_images
         )
@@ -129,15 +178,62 @@ def load_inputs(preset: Preset, data_root: Path | str | None = None, progress: b
     )
 
 
+def training_window_tokens(tokenizer, captions: Sequence[Sequence[str]], chunk_length: int, num_queries: int) -> int:
+    """The training length in tokens: the mean length of `chunk_length` consecutive segments in the official
+    layout (`build_layout`: `<s>`, captions, image blocks and `</s>`, the longest sample stage 2 lays out), over
+    every story of `captions` cut as stage 2 cuts its splits (non-overlapping chunks, incomplete tails dropped)."""
+    lengths = [
+        len(build_layout(story[start : start + chunk_length], tokenizer, num_queries, (), ()))
+        for story in captions
+        for start in range(0, len(story) - chunk_length + 1, chunk_length)
+    ]
+    if not lengths:
+        raise ParameterError(
+            "window", f"no story has {chunk_length} segments to measure the training length on: give window"
+        )
+    return round(sum(lengths) / len(lengths))
+
+
+def matched_window(config: CellConfig) -> int:
+    """The window that gives the window or sink policy mm-sink's `cap` entries in all."""
+    return config.cap if config.policy == "window" else config.cap - config.sink
+
+
+def resolve_config(config: CellConfig, inputs: CellInputs) -> CellConfig:
+    """`config` with its window in tokens: the training length when None (from the test stories and the MLLM's
+    tokenizer), `matched_window` for the window and sink policies under `budget="matched"`. Idempotent and cheap."""
+    if config.budget == "matched" and config.policy in MATCHED_POLICIES:
+        # mm-sink holds at most `cap` entries; the matched policies then hold as many: window keeps `cap` recent
+        # tokens, sink keeps `sink` first tokens + `cap - sink` recent ones. Other policies take no window budget.
+        return replace(config, window=matched_window(config))
+    if config.window is None:
+        chunk_length = get_preset(config.preset).data.chunk_length
+        window = training_window_tokens(
+            inputs.tokenizer, inputs.frames.captions, chunk_length, inputs.model.num_queries
+        )
+        return replace(config, window=window)
+    return config
+
+
 def opening_indices(config: CellConfig, available: int) -> list[int]:
-    """Which test stories a cell continues: `stories` consecutive ones, starting where the seed says."""
+    """Which test stories a cell continues for its seed `config.seed`: `stories` consecutive ones, starting where
+    the seed says (so consecutive seeds continue different stories while the split has enough)."""
     if config.stories > available:
         raise ParameterError("stories", f"the test split has {available} stories, asked for {config.stories}")
     start = (config.seed * config.stories) % available
     return [(start + k) % available for k in range(config.stories)]
 
 
+def cell_units(config: CellConfig, available: int) -> list[tuple[int, int]]:
+    """The cell's units, (seed, test-story index) pairs: seed by seed, each seed's openings in order."""
+    return [
+        (seed, story) for seed in config.seed_list for story in opening_indices(replace(config, seed=seed), available)
+    ]
+
+
 def _generation_key(config: CellConfig, inputs: CellInputs) -> str:
+    # No seed here on purpose: generation is greedy and reads no noise, so two seeds that continue the same
+    # stories share the result; different stories (or sizes, or weights) get different keys.
     fields = {
         "policy": config.policy,
         "segments": config.segments,
@@ -152,9 +248,10 @@ def _generation_key(config: CellConfig, inputs: CellInputs) -> str:
 def generate_stories(
     config: CellConfig, inputs: CellInputs, cache_dir: Path | None = None, progress: bool = True
 ) -> list[StoryRun]:
-    """The cell's stories, read from `cache_dir` when an identical generation already ran."""
+    """The stories of seed `config.seed`, read from `cache_dir` when an identical generation already ran."""
     from tqdm.auto import tqdm
 
+    config = resolve_config(config, inputs)
     cache = cache_dir / f"{config.policy}-{_generation_key(config, inputs)}.pt" if cache_dir else None
     if cache is not None and cache.is_file():
         return torch.load(cache, weights_only=False)
@@ -233,86 +330,6 @@ def draw_images(detokenizer, runs: list[StoryRun], config: CellConfig, progress:
     return images.reshape(len(runs), config.segments, *images.shape[1:])
 
 
-def score_cell(images: torch.Tensor, runs: list[StoryRun], config: CellConfig, inputs: CellInputs) -> dict:
-    """Judge metrics over segments 2..S (segment 1 is the given opening) and per segment index."""
-    indices = opening_indices(config, inputs.frames.stories)
-    judges, frames = inputs.judges, inputs.frames
-    protagonist, style = frames.protagonist[indices, 0], frames.style[indices, 0]  # one label per story
-    stories, segments = images.shape[:2]
-    generated = images[:, 1:].flatten(0, 1)
-    per_frame = lambda labels: labels.repeat_interleave(segments - 1)  # noqa: E731 - generated frames are story-major
-    consecutive = metrics.lpips_distances(images[:, 1:].flatten(0, 1), images[:, :-1].flatten(0, 1))
-    similarity = [metrics.sentence_similarity(run.captions) for run in runs]
-    overall = {
-        "fid": metrics.fid_analogue(judges, generated, frames.images.flatten(0, 1)),
-        "clip": metrics.clip_analogue(judges, generated, [c for run in runs for c in run.captions[1:]]),
-        "char_acc": metrics.character_accuracy(judges, generated, per_frame(protagonist)),
-        "style_consistency": metrics.style_consistency(judges, generated, per_frame(style)),
-        "lpips": None if consecutive is None else float(consecutive.mean()),
-        "distinct_2": sum(metrics.distinct_n(run.captions, 2) for run in runs) / stories,
-        "repeated_captions": sum(metrics.repeated_captions(run.captions) for run in runs) / stories,
-        "sentence_similarity": None if None in similarity else sum(similarity) / stories,
-    }
-    per_segment = {
-        "char_acc": [metrics.character_accuracy(judges, images[:, s], protagonist) for s in range(segments)],
-        "style_consistency": [metrics.style_consistency(judges, images[:, s], style) for s in range(segments)],
-        "clip": [
-            metrics.clip_analogue(judges, images[:, s], [run.captions[s] for run in runs]) for s in range(segments)
-        ],
-        "lpips_consecutive": [None] * segments
-        if consecutive is None
-        else [None] + consecutive.reshape(stories, segments - 1).mean(0).tolist(),
-    }
-    return {"overall": overall, "per_segment": per_segment}
-
-
-def teacher_forced(config: CellConfig, inputs: CellInputs) -> dict | None:
-    """Perplexity and image-feature cosine error of the ground-truth test stories under the cell's policy
-    (None when the stories are shorter than the cell)."""
-    if config.segments > inputs.frames.frames:
-        return None
-    scores = [
-        score_story(
-            inputs.model,
-            inputs.tokenizer,
-            inputs.frames.captions[i][: config.segments],
-            inputs.features[i, : config.segments],
-            config.policy,
-            config.cache_params(),
-            config.recompute_segments,
-        )
-        for i in opening_indices(config, inputs.frames.stories)
-    ]
-    nll = [sum(s.nll[k] for s in scores) / len(scores) for k in range(config.segments)]
-    error = [sum(s.cosine_error[k] for s in scores) / len(scores) for k in range(config.segments)]
-    return {
-        "perplexity": metrics.perplexity(nll),
-        "feature_cosine_error": _nanmean(error),
-        "nll": nll,
-        "cosine_error": error,
-    }
-
-
-def _nanmean(values: list[float]) -> float:
-    kept = [v for v in values if not math.isnan(v)]
-    return sum(kept) / len(kept) if kept else float("nan")
-
-
-def timings(runs: list[StoryRun]) -> dict:
-    """Per-segment wall time and KV size, averaged over stories (segment 1 is the opening's prefill)."""
-    segments = len(runs[0].steps)
-    seconds = [sum(run.steps[s].seconds for run in runs) / len(runs) for s in range(segments)]
-    kv_bytes = [sum(run.steps[s].kv_bytes for run in runs) // len(runs) for s in range(segments)]
-    return {
-        "seconds_per_segment": sum(seconds[1:]) / max(1, segments - 1),
-        "seconds_last_segment": seconds[-1],
-        "kv_bytes_last_segment": kv_bytes[-1],
-        "seconds": seconds,
-        "kv_bytes": kv_bytes,
-        "kv_entries": [sum(run.steps[s].kv_entries for run in runs) // len(runs) for s in range(segments)],
-    }
-
-
 def strip_segments(length: int) -> list[int]:
     """1-based segments a story strip shows: STRIP_SEGMENTS within the story, and its last segment."""
     picks = [s for s in STRIP_SEGMENTS if s <= length]
@@ -332,26 +349,52 @@ def run_cell(
     data_root: Path | str | None = None,
     progress: bool = True,
 ) -> dict:
-    """Generate, draw and score one cell; write `out`/metrics.json and `out`/strip.png; return the record."""
+    """Generate, draw and score one cell (every seed of it); write `out`/metrics.json, `out`/strip.png,
+    `out`/images.pt and `out`/fid_features.safetensors; return the record (the content of metrics.json)."""
     import io
     import time
 
     from PIL import Image
+    from safetensors.torch import save as safetensors_bytes
 
     config.check()
     preset = get_preset(config.preset)  # the cell's one resolution of its preset name
     start = time.perf_counter()
     inputs = inputs or load_inputs(preset, data_root, progress)
-    runs = generate_stories(config, inputs, artifacts_folder(preset.name) / "stories", progress)
-    images = draw_images(load_detokenizer(config.adaptation, preset), runs, config, progress)
-    scores = score_cell(images, runs, config, inputs)
-    scores["teacher_forced"] = teacher_forced(config, inputs) if config.teacher_forced else None
+    config = resolve_config(config, inputs)  # the window the cell runs with is the one its record shows
+    units = cell_units(config, inputs.frames.stories)
+    detokenizer = load_detokenizer(config.adaptation, preset)
+    runs, drawn = [], []
+    for seed in config.seed_list:  # seed by seed, in the order of `units`
+        one = replace(config, seed=seed, seeds=1)
+        seed_runs = generate_stories(one, inputs, artifacts_folder(preset.name) / "stories", progress)
+        runs += seed_runs
+        drawn.append(draw_images(detokenizer, seed_runs, one, progress))
+    images = _concat(drawn)  # [units, S, 3, H, W]
+    stories = [story for _, story in units]
+    features = judge_features(images, inputs)
+    scores = score_cell(images, runs, stories, inputs, features)
+    scores["units"] = unit_scores(images, runs, units, inputs)
+    scores["teacher_forced"] = (
+        teacher_forced(
+            inputs,
+            stories,
+            segments=config.segments,
+            policy=config.policy,
+            params=config.cache_params(),
+            recompute_segments=config.recompute_segments,
+            chunk_length=preset.data.chunk_length,
+        )
+        if config.teacher_forced
+        else None
+    )
     record = {
         "cell": config.cell_id,
         "parameters": asdict(config),
         "metrics": scores,
         "timings": timings(runs),
         "captions": [run.captions for run in runs[:2]],
+        "files": {"fid_features": FID_FEATURES},  # relative to the cell's folder
         "wall_seconds": round(time.perf_counter() - start, 2),
     }
     out = Path(out)
@@ -359,9 +402,20 @@ def run_cell(
     Image.fromarray(strip_image(images).permute(1, 2, 0).numpy()).save(buffer, format="PNG")
     write_bytes(out / "strip.png", buffer.getvalue())
     save_torch(images, out / "images.pt")  # the notebook's strips and curves; not part of the report
+    tensors = {name: value.detach().float().contiguous().cpu() for name, value in features.items()}
+    write_bytes(out / FID_FEATURES, safetensors_bytes(tensors))
     record = finite(record)
     write_text(out / "metrics.json", json.dumps(record, indent=1) + "\n")
     return record
+
+
+def _concat(parts: list[torch.Tensor]) -> torch.Tensor:
+    """`torch.cat` along dim 0 that keeps the parts' memory layout. The de-tokenizer returns channels-last images,
+    and the judges' convolutions round differently on a contiguous copy (about 1e-7): a one-seed cell would no
+    longer repeat the numbers of earlier reports, nor a unit of a many-seed cell those of its one-seed cell."""
+    order = sorted(range(parts[0].dim()), key=lambda d: -parts[0].stride(d))  # outermost dimension first
+    joined = torch.cat([part.permute(order) for part in parts], dim=order.index(0))
+    return joined.permute([order.index(d) for d in range(len(order))])
 
 
 def finite(value):

@@ -16,12 +16,14 @@ from collections import Counter
 from typing import Iterator
 
 import torch
+from transformers import LlamaForCausalLM
 
 from labkit.data.text_tokenizer import StoryTokenizer
 from labkit.models.mllm import MLLMBatch, SeedStoryMLLM
 
 KEY_TYPES = ("bos", "punct", "boi", "image_head", "image", "image_tail", "eoi", "after_eoi", "inst", "text", "pad")
 PUNCTUATION = {".", ",", "!", "?", ";", ":"}
+SINK_SKIP = 32  # BOS-sink ratios leave out queries before this position (early queries have few keys to choose)
 
 
 def key_types(input_ids: list[int], tokenizer: StoryTokenizer, head_slots: int = 2, tail_slots: int = 2) -> list[str]:
@@ -138,4 +140,32 @@ def sink_summary(model: SeedStoryMLLM, batch: MLLMBatch, tokenizer: StoryTokeniz
     return {
         f"sink_{kind}": float(ratios[kind].mean(1).max())
         for kind in ("bos", "punct", "boi", "eoi", "image_head", "image_tail")
+    }
+
+
+def plain_bos_ratios(llm: LlamaForCausalLM, input_ids: torch.Tensor, pad_id: int, skip: int = SINK_SKIP) -> dict:
+    """Per layer: attention from queries at positions >= `skip` to position 0 (`<s>`), divided by the uniform share
+    1/(t+1) a query at t would give it; the mean over heads and queries, and the strongest head's mean."""
+    maps = attention_maps_plain(llm.eval(), input_ids)
+    valid = (input_ids != pad_id).float()
+    valid[:, :skip] = 0
+    uniform = 1 / torch.arange(1, input_ids.shape[1] + 1, dtype=torch.float)
+    expected = (uniform * valid).sum()
+    means, strongest = [], []
+    for weights in maps:  # [B, H, T, T]
+        per_head = (weights[..., 0] * valid[:, None, :]).sum((0, 2)) / expected  # [H]
+        means.append(round(float(per_head.mean()), 3))
+        strongest.append(round(float(per_head.max()), 3))
+    return {"mean_over_heads": means, "strongest_head": strongest}
+
+
+def multimodal_bos_ratios(
+    model: SeedStoryMLLM, batch: MLLMBatch, tokenizer: StoryTokenizer, skip: int = SINK_SKIP
+) -> dict[str, list[float]]:
+    """`plain_bos_ratios` for the MLLM on multimodal samples (image slots filled from features)."""
+    types = [key_types(row.tolist(), tokenizer) for row in batch.input_ids]
+    ratios = sink_ratios(attention_maps(model, batch), types, skip)["bos"]  # [layers, heads]
+    return {
+        "mean_over_heads": [round(float(r), 3) for r in ratios.mean(1)],
+        "strongest_head": [round(float(r), 3) for r in ratios.max(1).values],
     }

@@ -12,7 +12,9 @@ From a first caption and the first image's features, each new segment is:
 Step 2 runs as a cache *look-ahead*: the query slots are dropped once regressed, as the official loop drops
 them when it rebuilds the prompt. Policies are `labkit.caches` caches, plus `recompute-window`, the strategy
 the released code actually runs (issue #36): every segment re-encodes the last K segments from scratch at
-positions 0..L-1 (with `<s>` re-added, as `gen_george.py`) and uses a cache only inside the segment.
+positions 0..L-1 (with `<s>` re-added, as `gen_george.py`) and uses a cache only inside the segment. Unlike
+`gen_george.py`, which cuts `len('[INST]')` characters after the evicted image's `</img>`, it keeps the first
+kept segment's `[INST]`.
 
 Deliberate differences: `</s>` is banned so every policy writes the same number of segments (the official
 loop stops when a call produces no image), and image tokens are banned outside images (officially a soft
@@ -95,7 +97,8 @@ class _Writer:
 
     def reencode(self, texts: list[list[int]], features: list[torch.Tensor]) -> torch.Tensor:
         """`<s>` + each segment's text ids (`[INST]` included after the first) and image, from scratch at
-        positions 0..L-1: the released code's context each segment. Returns the last hidden states."""
+        positions 0..L-1: the released code's context each segment, except that `gen_george.py` strips the first
+        kept segment's `[INST]` and this keeps it. Returns the last hidden states."""
         hidden = self.feed([self.tokenizer.bos_id], ["bos"])
         for ids, image in zip(texts, features):
             self.feed(ids, ["text"] * len(ids))

@@ -39,7 +39,7 @@ MODES = (
     "stage1",
     "official",
     "full",
-)  # what trains: stage 1 (all but the VAE), stage 3 as released / as the paper says
+)  # what trains: the lab's stage 1 (all but the VAE), stage 3 as released / as the paper says
 
 # SDXL base 1.0's noise schedule (scheduler/scheduler_config.json)
 SDXL_SCHEDULE = dict(
@@ -177,7 +177,10 @@ class Detokenizer(nn.Module):
         """Freeze everything but what `mode` trains; return the trainable parameter names.
 
         `official` is `SDXLAdapter.set_trainable_v2` with `full_ft=False`: the resampler and every UNet Linear
-        whose name ends in `to_k` / `to_v` (self- and cross-attention). `full` and `stage1`: resampler + UNet.
+        whose name ends in `to_k` / `to_v` (self- and cross-attention). `full` and `stage1`: resampler + the whole
+        UNet. SEED-X's stage-1 pre-training, which SEED-Story follows, trains the resampler and the UNet's keys and
+        values of a pretrained SDXL UNet; the lab's `stage1` trains all of its from-scratch UNet, as there are no
+        pretrained weights at `tiny` (docs/paper_to_code.md, stage-1 deviations).
         """
         if mode not in MODES:
             raise LabError(f"unknown de-tokenizer mode {mode!r}; choose one of {', '.join(MODES)}")

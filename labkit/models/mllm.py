@@ -10,7 +10,9 @@ through an output resampler (paper §3.1; official `src/models_clm/models.py::Co
   with weight 1 (`lm_loss_scale`, `rec_loss_scale` = 1.0 in the official configs).
 
 The LLM is `transformers.LlamaForCausalLM`; at `paper` size it gets LoRA r=16, α=32, dropout 0.05 on the
-seven projections through `peft`, with norms, embeddings and head fully trained, as the official code.
+seven projections through `peft`, with norms, embeddings and head fully trained, as the released config
+(`configs/clm_models/llama2chat7b_lora.yaml`; the paper's text says r=6). At `tiny` the whole LLM trains, starting
+from the lab's pre-trained language model (`labkit train lm`), as the paper's starts from pretrained Llama-2-7B.
 """
 
 from __future__ import annotations

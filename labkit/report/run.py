@@ -21,6 +21,7 @@ import os
 import time
 from pathlib import Path
 
+from safetensors.torch import load_file
 from tqdm.auto import tqdm
 
 from labkit.core.artifacts import ARTIFACTS, locate_artifact, read_manifest, require
@@ -30,9 +31,10 @@ from labkit.core.presets import get_preset
 from labkit.core.provenance import cpu_model, git_commit, package_versions
 from labkit.data.storystream_mini import ensure_dataset
 from labkit.experiments.story_ablation import finite
+from labkit.report.findings import findings
 from labkit.report.grid import GridRun, default_grid, load_grid, undeclared_parameters
 from labkit.report.index import index_html, index_markdown
-from labkit.report.paper_tables import findings, stress, table2, table4
+from labkit.report.paper_tables import stress, table2, table4
 
 
 def _portable(parameters: dict) -> dict:
@@ -81,7 +83,7 @@ def course_runs(preset: str, data: str) -> list[GridRun]:
         ),
         GridRun(
             "05_attention_sinks.ipynb",
-            {"preset": preset, "trace_segments": 25, "long_context_stories": 4, "stress_stories": 1},
+            {"preset": preset, "trace_segments": 25, "long_context_stories": 2, "stress_stories": 1},
             "KV-cache policies, the RoPE clock, long-context curves (30 and 100 segments), attention sinks",
         ),
         GridRun(
@@ -203,6 +205,49 @@ def collect_records(out: Path) -> list[dict]:
     ]
 
 
+def feature_loader(out: Path):
+    """`load_features` for paper_tables: a cell's FID-analogue features from its run folder (None if it has none)."""
+
+    def load(record: dict) -> dict | None:
+        name = (record.get("files") or {}).get("fid_features")
+        if not name or "run" not in record:
+            return None
+        path = Path(out) / "runs" / record["run"] / name
+        return load_file(str(path)) if path.is_file() else None
+
+    return load
+
+
+RETRAIN_CHECK = "reports/tiny-retrain-check/against-two-thread-references/comparison.json"
+
+
+def model_under_study(preset: str) -> dict | None:
+    """The BOS sink per layer of the pre-trained LM and of the MLLM after stage 2, from their manifests."""
+    lm, mllm = locate_artifact("lm", preset), locate_artifact("mllm", preset)
+    if lm is None or mllm is None:
+        return None
+    lm_manifest, mllm_manifest = read_manifest(lm), read_manifest(mllm)
+    return {
+        "lm": {"corpus": lm_manifest.get("corpus"), "bos_ratio": lm_manifest.get("bos_ratio")},
+        "mllm": {"bos_ratio": mllm_manifest.get("bos_ratio"), "final": mllm_manifest.get("metrics", {}).get("final")},
+    }
+
+
+def retraining_variance(path: Path | None = None) -> dict | None:
+    """How far one retrain with other float rounding moved each 25-segment metric (`reports/tiny-retrain-check`):
+    the largest absolute change over cells (relative for the FID-analogue), and how many cells it covers."""
+    path = path or project_root() / RETRAIN_CHECK
+    if not path.is_file():
+        return None
+    cells = {k: v for k, v in json.loads(path.read_text(encoding="utf-8"))["cells"].items() if "segments=25" in k}
+    largest: dict[str, float] = {}
+    for changes in cells.values():
+        for metric, change in changes.items():
+            if change is not None:
+                largest[metric] = max(largest.get(metric, 0.0), abs(change))
+    return {"source": RETRAIN_CHECK, "cells": len(cells), "largest_change": largest}
+
+
 def build_tables(out: Path | str, preset: str = "tiny") -> dict:
     """table2, table4, stress and findings from the cells under `out`, with the judges' own accuracies."""
     records = collect_records(Path(out))
@@ -211,14 +256,19 @@ def build_tables(out: Path | str, preset: str = "tiny") -> dict:
         folder = locate_artifact(f"detokenizer_{mode}", preset)
         if folder is not None:
             manifests[mode] = read_manifest(folder)
-    judges = locate_artifact("judges", preset)
-    t2, t4 = table2(records), table4(records, manifests)
+    folder = locate_artifact("judges", preset)
+    judges = read_manifest(folder)["metrics"] if folder else None
+    load = feature_loader(out)
+    t2, t4 = table2(records, load), table4(records, manifests, load)
+    stress_rows = stress(records, load)
     return {
         "table2": t2,
         "table4": t4,
-        "stress": stress(records),
-        "findings": findings(t2, t4),
-        "judges": read_manifest(judges)["metrics"] if judges else None,
+        "stress": stress_rows,
+        "findings": findings(t2, t4, records, judges=judges, load_features=load, stress_rows=stress_rows),
+        "judges": judges,
+        "model": model_under_study(preset),
+        "retraining_variance": retraining_variance(),
     }
 
 

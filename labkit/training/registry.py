@@ -14,6 +14,7 @@ from labkit.core.artifacts import ARTIFACTS, require
 from labkit.core.presets import Preset
 from labkit.models.visual_tokenizer import VisualTokenizer
 from labkit.training.common import StageRun
+from labkit.training.lm import load_lm, train_lm
 from labkit.training.stage0 import judge_config, load_judges_artifact, train_judges, train_stage0
 from labkit.training.stage1 import load_detokenizer_artifact, load_vae, train_stage1, train_vae
 from labkit.training.stage2 import load_mllm, train_stage2
@@ -23,6 +24,7 @@ from labkit.training.stage3 import train_stage3
 TRAINERS: dict[str, Callable[[StageRun], dict]] = {
     "visual_tokenizer": train_stage0,
     "judges": train_judges,
+    "lm": train_lm,
     "vae": train_vae,
     "mllm": train_stage2,
     "detokenizer": train_stage1,
@@ -30,10 +32,11 @@ TRAINERS: dict[str, Callable[[StageRun], dict]] = {
     "detokenizer_full": lambda run: train_stage3(run, mode="full"),
 }
 
-# Each loader takes (folder, preset) and returns the model (for the MLLM: model, tokenizer, manifest).
+# Each loader takes (folder, preset) and returns the model (for the LM and the MLLM: model, tokenizer, manifest).
 LOADERS: dict[str, Callable[[Path, Preset], object]] = {
     "visual_tokenizer": lambda folder, preset: VisualTokenizer.from_pretrained(folder, preset),
     "judges": lambda folder, preset: load_judges_artifact(folder, preset, judge_config(preset))[0],
+    "lm": load_lm,
     "vae": load_vae,
     "mllm": load_mllm,
     "detokenizer": lambda folder, preset: load_detokenizer_artifact(folder, preset)[0],

@@ -215,3 +215,20 @@ def test_committed_sample_is_what_its_readme_command_makes(tmp_path, capsys):
     made, committed = _files(tmp_path / "s"), _files(sample)
     assert made.keys() == committed.keys()
     assert [k for k in made if made[k] != committed[k]] == [], "rerun the command in data_samples/README.md"
+
+
+def test_sink_check_refuses_a_bad_story_count(capsys):
+    code, _, err = run(["sink-check", "--stories", "0"], capsys)
+    assert code == 2 and "--stories" in err and "Traceback" not in err
+
+
+@pytest.mark.slow
+def test_sink_check_measures_the_reference_mllm_per_layer(tmp_path, capsys):
+    out = tmp_path / "sink.json"
+    code, printed, _ = run(["sink-check", "--stories", "1", "--out", str(out), "--quiet"], capsys)
+    assert code == 0 and "window / sink beyond" in printed
+    evidence = json.loads(out.read_text())
+    layers = len(evidence["bos_multimodal"]["mean_over_heads"])
+    assert layers == len(evidence["bos_plain_captions"]["mean_over_heads"]) > 0
+    assert set(evidence["teacher_forced"]) == {"dense", "window", "sink", "mm-sink"}
+    assert evidence["window_tokens"] > 0 and set(evidence["targets"]) >= {"bos_met", "window_over_sink_met"}

@@ -114,10 +114,10 @@ def test_defaults_are_read_from_the_parameters_cell_with_ast(tmp_path):
     assert notebook_defaults(NOTEBOOKS / ABLATION)["segments"] == 4
     assert notebook_defaults(NOTEBOOKS / ABLATION)["out_dir"] is None
     assert {k: notebook_defaults(NOTEBOOKS / "05_attention_sinks.ipynb")[k] for k in ("window", "sink", "cap")} == {
-        "window": 256,
+        "window": None,
         "sink": 4,
         "cap": 384,
-    }  # `window, sink, cap = 256, 4, 384`
+    }  # `window = None` (the training length), `sink, cap = 4, 384`
     cell = {
         "cell_type": "code",
         "metadata": {"tags": ["parameters"]},
