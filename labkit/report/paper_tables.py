@@ -336,6 +336,7 @@ def table4(
                 "char_acc": test["character_accuracy"],
                 "style": test["style_accuracy"],
             },
+            "paired": manifest["metrics"].get("paired"),  # per-pair gains with intervals (stage 3 since issue 13)
         }
     return {
         "policy": TABLE4_POLICY,

