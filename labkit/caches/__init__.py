@@ -17,6 +17,8 @@ Policies, sizes in tokens:
 | sink | first `sink` + last `window` | slots 0..n-1, re-rotated |
 | mm-sink | first `sink` + image zones (a) + last `window`, <= `cap` | slots 0..n-1, re-rotated |
 | mm-sink-as-coded | the official `img_head_tail` slices (b) | as computed, never re-rotated |
+| mm-sink-stale | as mm-sink (control: positions alone) | as computed, never re-rotated |
+| mm-sink-as-coded-rerotated | as mm-sink-as-coded (control: selection alone) | slots 0..n-1, re-rotated |
 
 (a) zones around `<img>`/`</img>` of earlier images; (b) window of `window_images` images.
 
@@ -31,13 +33,19 @@ from typing import Any
 import torch
 from transformers import LlamaConfig
 
-from labkit.caches.image_sinks import AsCodedPolicy, MultimodalSinkPolicy
-from labkit.caches.params import POLICIES, CacheParams, parse_params, scaled_slots
+from labkit.caches.image_sinks import (
+    AsCodedPolicy,
+    AsCodedRerotatedPolicy,
+    MultimodalSinkPolicy,
+    StaleMultimodalSinkPolicy,
+)
+from labkit.caches.params import IMAGE_POLICIES, POLICIES, CacheParams, parse_params, scaled_slots
 from labkit.caches.policies import DensePolicy, Policy, SinkPolicy, WindowPolicy
 from labkit.caches.policy_cache import PolicyCache
 from labkit.core.errors import ParameterError
 
 __all__ = [
+    "IMAGE_POLICIES",
     "POLICIES",
     "CacheParams",
     "PolicyCache",
@@ -60,6 +68,10 @@ def make_policy(policy: str, **params: Any) -> Policy:
         return SinkPolicy(p.sink, p.window)
     if policy == "mm-sink":
         return MultimodalSinkPolicy(p)
+    if policy == "mm-sink-stale":
+        return StaleMultimodalSinkPolicy(p)
+    if policy == "mm-sink-as-coded-rerotated":
+        return AsCodedRerotatedPolicy(p)
     return AsCodedPolicy(p)
 
 
@@ -69,7 +81,9 @@ def make_cache(policy: str, model_config: LlamaConfig, **params: Any) -> PolicyC
     Keyword sizes: `window`, `sink` (default 4), `cap` (mm-sink); image layout for the image-boundary
     policies: `num_image_tokens` (Q), `boi_id`, `eoi_id`; mm-sink zone sizes `text_before` (4),
     `head_slots` (7·Q/64), `tail_slots` (8·Q/64), `text_after` (3); `window_images` (8) for
-    mm-sink-as-coded. Bad values raise `ParameterError` before anything is allocated.
+    mm-sink-as-coded. The controls take their parent's parameters (mm-sink-stale those of mm-sink,
+    mm-sink-as-coded-rerotated those of mm-sink-as-coded). Bad values raise `ParameterError` before
+    anything is allocated.
     """
     chosen = make_policy(policy, **params)
     _check_model_config(model_config)

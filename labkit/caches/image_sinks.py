@@ -11,7 +11,16 @@ Two policies (paper §3.2; docs/paper_to_code.md, "Multimodal attention sink"):
   `src/inference/vis_george_sink.py`, reproduced slice for slice, quirks included, with post-RoPE
   keys that are never re-rotated.
 
-Both learn where images are from the token ids of each forward (`PolicyCache.observe`).
+Two controls separate the causes of the gap between them, which differ both in *what* they keep (the
+official slicing overwrites the head of the window and copies sink entries again) and in *where* the kept keys
+sit (re-rotated vs stale):
+
+* `AsCodedRerotatedPolicy` ("mm-sink-as-coded-rerotated"): the official selection, entry for entry (quirks
+  included), with keys re-rotated to slots 0..n-1 as mm-sink: only the selection differs from mm-sink.
+* `StaleMultimodalSinkPolicy` ("mm-sink-stale"): mm-sink's selection with keys never re-rotated, as the
+  official code: only the positions differ from mm-sink.
+
+All four learn where images are from the token ids of each forward (`PolicyCache.observe`).
 """
 
 from __future__ import annotations
@@ -123,6 +132,20 @@ class MultimodalSinkPolicy(Policy):
         return kept
 
 
+class StaleMultimodalSinkPolicy(MultimodalSinkPolicy):
+    """Control: mm-sink's selection, keys left at the rotation they got when computed (never re-rotated).
+
+    Why it exists: `mm-sink` vs `mm-sink-as-coded` confounds stale key positions with the official slicing
+    (a window eaten by the overwrite/duplicate quirk). This policy keeps exactly the entries mm-sink keeps and
+    positions them as the official code does: a key keeps the RoPE position it was computed at (the held-entry
+    count at that time, `PolicyCache.rotation_positions`), and new tokens take position = held entries. Against
+    `mm-sink` only the positions differ; against `mm-sink-as-coded` only the selection.
+    """
+
+    name = "mm-sink-stale"
+    rerotates = False
+
+
 class AsCodedPolicy(Policy):
     """The official `img_head_tail` eviction (`src/inference/vis_george_sink.py`), streamed token by token.
 
@@ -189,3 +212,17 @@ class AsCodedPolicy(Policy):
         self.sink_length = len(sink)
         self.evicted += 1
         return sink + slots[eoi + 1 + len(sink) :]
+
+
+class AsCodedRerotatedPolicy(AsCodedPolicy):
+    """Control: the official `img_head_tail` selection, quirks included, with keys re-rotated to slots 0..n-1.
+
+    Why it exists: the counterpart of `StaleMultimodalSinkPolicy`. It keeps the very entries `mm-sink-as-coded`
+    keeps, in the same cache order (the sink overwriting the head of the window, entries copied twice), but,
+    as `mm-sink`, stores pre-RoPE keys and rotates them to their current slot at every step (StreamingLLM pos
+    shift; a duplicated entry gets each of its slots). New tokens take position = held entries in both, so
+    against `mm-sink-as-coded` only the positions of held keys differ; against `mm-sink` only the selection.
+    """
+
+    name = "mm-sink-as-coded-rerotated"
+    rerotates = True

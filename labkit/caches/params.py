@@ -12,7 +12,11 @@ from typing import Any
 
 from labkit.core.errors import ParameterError
 
-POLICIES = ("dense", "window", "sink", "mm-sink", "mm-sink-as-coded")
+POLICIES = ("dense", "window", "sink", "mm-sink", "mm-sink-as-coded", "mm-sink-stale", "mm-sink-as-coded-rerotated")
+# The two selections around image boundaries, each with its control (same parameters, the other key positions):
+MM_SINK_POLICIES = ("mm-sink", "mm-sink-stale")  # the paper's zones + window + cap
+AS_CODED_POLICIES = ("mm-sink-as-coded", "mm-sink-as-coded-rerotated")  # the official `img_head_tail` slices
+IMAGE_POLICIES = MM_SINK_POLICIES + AS_CODED_POLICIES  # need num_image_tokens, boi_id, eoi_id
 
 # Slot counts of the official `img_head_tail` selection, written for 64 image slots (official `vis_george_sink.py`):
 # kv[boi-4 : boi+8] keeps 7 slots after <img>, kv[eoi-8 : eoi+4] keeps 8 slots before </img>.
@@ -29,6 +33,8 @@ _REQUIRED = {
     "sink": ("window",),
     "mm-sink": ("window", "cap", "num_image_tokens", "boi_id", "eoi_id"),
     "mm-sink-as-coded": ("num_image_tokens", "boi_id", "eoi_id"),
+    "mm-sink-stale": ("window", "cap", "num_image_tokens", "boi_id", "eoi_id"),
+    "mm-sink-as-coded-rerotated": ("num_image_tokens", "boi_id", "eoi_id"),
 }
 
 
@@ -43,7 +49,7 @@ class CacheParams:
 
     window: int | None = None  # recent tokens kept (window, sink, mm-sink)
     sink: int = 4  # first tokens kept (sink, mm-sink); StreamingLLM's default
-    cap: int | None = None  # total entries bound of mm-sink
+    cap: int | None = None  # total entries bound of mm-sink (and mm-sink-stale)
     num_image_tokens: int | None = None  # Q, image slots between <img> and </img>
     boi_id: int | None = None  # token id of <img>
     eoi_id: int | None = None  # token id of </img>
@@ -51,7 +57,7 @@ class CacheParams:
     head_slots: int | None = None  # mm-sink: slots kept after <img> (default 7·Q/64)
     tail_slots: int | None = None  # mm-sink: slots kept before </img> (default 8·Q/64)
     text_after: int = OFFICIAL_TEXT_AFTER  # mm-sink: tokens kept after </img>
-    window_images: int = 8  # mm-sink-as-coded: images kept in context (`vis_george_sink.py`)
+    window_images: int = 8  # mm-sink-as-coded(-rerotated): images kept in context (`vis_george_sink.py`)
 
     @property
     def image_group(self) -> int:
@@ -80,11 +86,11 @@ def parse_params(policy: str, given: dict[str, Any]) -> CacheParams:
             raise ParameterError(name, f"policy {policy!r} needs {name}")
 
     params = CacheParams(**{k: v for k, v in given.items() if v is not None})
-    if policy in ("sink", "mm-sink") and params.window < params.sink:
+    if policy in ("sink", *MM_SINK_POLICIES) and params.window < params.sink:
         raise ParameterError("window", f"must be at least the sink ({params.sink}), got {params.window}")
-    if policy in ("mm-sink", "mm-sink-as-coded"):
+    if policy in IMAGE_POLICIES:
         params = _check_images(params)
-    if policy == "mm-sink" and params.cap < params.sink + params.window:
+    if policy in MM_SINK_POLICIES and params.cap < params.sink + params.window:
         raise ParameterError("cap", f"must be at least sink + window = {params.sink + params.window}, got {params.cap}")
     return params
 

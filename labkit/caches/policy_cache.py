@@ -66,7 +66,8 @@ class PolicyCache(Cache):
     def observe(self, input_ids: torch.Tensor | Sequence[int]) -> None:
         """Tell the cache the token ids of the next forward ([batch, q], [q] or a list); call once per forward.
 
-        Required by mm-sink and mm-sink-as-coded, optional (only length-checked) for the others.
+        Required by the image-boundary policies (mm-sink, mm-sink-as-coded and their controls), optional
+        (only length-checked) for the others.
         When image features are fed as `inputs_embeds`, pass the ids those slots stand for.
         """
         if self._observed is not None:

@@ -477,7 +477,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     trace = commands.add_parser("trace-cache", help="which story positions a KV-cache policy holds, segment by segment")
     trace.add_argument(
-        "--policy", required=True, help="dense, window, sink, mm-sink, mm-sink-as-coded or recompute-window"
+        "--policy",
+        required=True,
+        help="dense, window, sink, mm-sink, mm-sink-as-coded, recompute-window, or the controls mm-sink-stale "
+        "and mm-sink-as-coded-rerotated",
     )
     trace.add_argument("--segments", type=int, default=25)
     trace.add_argument("--model", help="a stage-2 artifact folder (the model writes its own captions)")

@@ -48,6 +48,8 @@ def policy_params(
         "sink": ("sink", "window"),
         "mm-sink": ("sink", "window", "cap"),
         "mm-sink-as-coded": ("window_images",),
+        "mm-sink-stale": ("sink", "window", "cap"),  # control: mm-sink's selection, keys never re-rotated
+        "mm-sink-as-coded-rerotated": ("window_images",),  # control: the official selection, keys re-rotated
         "recompute-window": (),
     }
     if policy not in wanted:

@@ -28,13 +28,12 @@ from dataclasses import dataclass, field
 
 import torch
 
-from labkit.caches import POLICIES, forward_with_cache, make_cache
+from labkit.caches import IMAGE_POLICIES, POLICIES, forward_with_cache, make_cache
 from labkit.core.errors import ParameterError
 from labkit.data.text_tokenizer import StoryTokenizer
 from labkit.models.mllm import SeedStoryMLLM
 
 STRATEGIES = (*POLICIES, "recompute-window")
-IMAGE_POLICIES = ("mm-sink", "mm-sink-as-coded")
 
 
 @dataclass

@@ -191,7 +191,7 @@ def occupancy_widget(segments: int = 25):
     import matplotlib.pyplot as plt
 
     def show(policy: str, window: int, sink: int, cap: int, segment: int) -> None:
-        if policy in ("sink", "mm-sink") and window < sink:
+        if policy in ("sink", "mm-sink", "mm-sink-stale") and window < sink:
             print("the window must be at least the sink size")
             return
         trace = cached_trace(policy, segments, window, sink, max(cap, sink + window))
@@ -201,7 +201,17 @@ def occupancy_widget(segments: int = 25):
     return widgets.interactive(
         show,
         policy=widgets.Dropdown(
-            options=["dense", "window", "sink", "mm-sink", "mm-sink-as-coded", "recompute-window"], value="mm-sink"
+            options=[
+                "dense",
+                "window",
+                "sink",
+                "mm-sink",
+                "mm-sink-as-coded",
+                "recompute-window",
+                "mm-sink-stale",
+                "mm-sink-as-coded-rerotated",
+            ],
+            value="mm-sink",
         ),
         window=widgets.IntSlider(value=128, min=16, max=512, step=16),
         sink=widgets.IntSlider(value=4, min=1, max=16),
