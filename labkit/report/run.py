@@ -84,7 +84,7 @@ def course_runs(preset: str, data: str) -> list[GridRun]:
         GridRun(
             "05_attention_sinks.ipynb",
             {"preset": preset, "trace_segments": 25, "long_context_stories": 2, "stress_stories": 0},
-            "KV-cache policies, the RoPE clock, long-context curves (30 segments; 100 in the grid stress cells), attention sinks",
+            "KV-cache policies, the RoPE clock, long-context curves (30 segments), attention sinks",
         ),
         GridRun(
             "06_stage3_adaptation.ipynb",
