@@ -11,6 +11,7 @@ from typing import Sequence
 import numpy as np
 
 from labkit.experiments.cache_trace import policy_params, trace_cache
+from labkit.inference.generate import STRATEGIES
 from labkit.viz.plots import TOKEN_COLOURS
 
 
@@ -201,16 +202,7 @@ def occupancy_widget(segments: int = 25):
     return widgets.interactive(
         show,
         policy=widgets.Dropdown(
-            options=[
-                "dense",
-                "window",
-                "sink",
-                "mm-sink",
-                "mm-sink-as-coded",
-                "recompute-window",
-                "mm-sink-stale",
-                "mm-sink-as-coded-rerotated",
-            ],
+            options=list(STRATEGIES),
             value="mm-sink",
         ),
         window=widgets.IntSlider(value=128, min=16, max=512, step=16),
