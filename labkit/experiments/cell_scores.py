@@ -20,7 +20,7 @@ import math
 import torch
 
 from labkit.inference.generate import StoryRun
-from labkit.inference.long_context import score_story
+from labkit.inference.long_context import score_stories
 from labkit.metrics import scores as metrics
 
 
@@ -109,18 +109,14 @@ def teacher_forced(
     if segments > inputs.frames.frames:
         return None
     stories = list(dict.fromkeys(stories))
-    scores = [
-        score_story(
-            inputs.model,
-            inputs.tokenizer,
-            inputs.frames.captions[i][:segments],
-            inputs.features[i, :segments],
-            policy,
-            params,
-            recompute_segments,
-        )
-        for i in stories
-    ]
+    scores = score_stories(  # one batch: each story keeps its own cache
+        inputs.model,
+        inputs.tokenizer,
+        [(inputs.frames.captions[i][:segments], inputs.features[i, :segments]) for i in stories],
+        policy,
+        params,
+        recompute_segments,
+    )
     nll = [sum(s.nll[k] for s in scores) / len(scores) for k in range(segments)]
     error = [sum(s.cosine_error[k] for s in scores) / len(scores) for k in range(segments)]
     return {

@@ -8,8 +8,9 @@ at the lab's scale, with the lab's offline metrics (`labkit.metrics.scores`):
    first frame's caption and true features) continued by the trained MLLM under one KV-cache policy, text
    written greedily, images regressed and fed back. Generation does not depend on the de-tokenizer nor on the
    seed (only the openings do), so cells share it through an on-disk cache keyed by the stories continued.
-   Stories run one by one: at this size a batch would save little, and one story at a time keeps the
-   per-segment timings and KV sizes exact.
+   All of a cell's stories run as one batch (`labkit.inference.generate.generate_stories`, each story with its
+   own cache): a forward of the tiny model costs about the same for one story or nine. KV sizes stay exact per
+   story; a segment's wall time is the batch's, shared evenly between its stories.
 2. **Draw** (`draw_images`): every regressed feature set through the chosen de-tokenizer (`off` = stage 1,
    `official` / `full` = stage 3's two modes), batched, one call per seed with that seed's noise.
 3. **Score** (`labkit.experiments.cell_scores`: `score_cell`): judge metrics per segment index and over the
@@ -49,6 +50,7 @@ from labkit.data.storystream_mini import ensure_dataset
 from labkit.experiments.cache_trace import policy_params
 from labkit.experiments.cell_scores import judge_features, score_cell, teacher_forced, timings, unit_scores
 from labkit.inference.generate import STRATEGIES, StoryRun, generate_story
+from labkit.inference.generate import generate_stories as generate_batch
 from labkit.training.stage0 import features_for_split, load_judges
 from labkit.training.stage1 import load_detokenizer_artifact
 from labkit.training.stage2 import NAME, load_mllm
@@ -231,15 +233,16 @@ def cell_units(config: CellConfig, available: int) -> list[tuple[int, int]]:
     ]
 
 
-def _generation_key(config: CellConfig, inputs: CellInputs) -> str:
-    # No seed here on purpose: generation is greedy and reads no noise, so two seeds that continue the same
-    # stories share the result; different stories (or sizes, or weights) get different keys.
+def _generation_key(config: CellConfig, inputs: CellInputs, units: list[tuple[int, int]]) -> str:
+    # No seed here on purpose: generation is greedy and reads no noise, so cells that continue the same stories
+    # share the result; different stories (or sizes, or weights) get different keys. The stories are generated
+    # as one batch, whose make-up changes float rounding, so the key lists every story of the batch in order.
     fields = {
         "policy": config.policy,
         "segments": config.segments,
         "params": config.cache_params(),
         "recompute": config.recompute_segments,
-        "stories": [inputs.frames.story_ids[i] for i in opening_indices(config, inputs.frames.stories)],
+        "batch": [inputs.frames.story_ids[story] for _, story in units],
         "mllm": inputs.mllm_key,
     }
     return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:16]
@@ -248,30 +251,25 @@ def _generation_key(config: CellConfig, inputs: CellInputs) -> str:
 def generate_stories(
     config: CellConfig, inputs: CellInputs, cache_dir: Path | None = None, progress: bool = True
 ) -> list[StoryRun]:
-    """The stories of seed `config.seed`, read from `cache_dir` when an identical generation already ran."""
-    from tqdm.auto import tqdm
-
+    """Every unit's story (`cell_units` order: seed by seed), written as one batch, or read from `cache_dir`
+    when an identical generation already ran (the de-tokenizer cells of one policy share it)."""
     config = resolve_config(config, inputs)
-    cache = cache_dir / f"{config.policy}-{_generation_key(config, inputs)}.pt" if cache_dir else None
+    units = cell_units(config, inputs.frames.stories)
+    cache = cache_dir / f"{config.policy}-{_generation_key(config, inputs, units)}.pt" if cache_dir else None
     if cache is not None and cache.is_file():
         return torch.load(cache, weights_only=False)
-    runs = []
-    for index in tqdm(
-        opening_indices(config, inputs.frames.stories), desc=f"{config.policy}: stories", disable=not progress
-    ):
-        runs.append(
-            generate_story(
-                inputs.model,
-                inputs.tokenizer,
-                inputs.frames.captions[index][0],
-                inputs.features[index, 0],
-                segments=config.segments,
-                policy=config.policy,
-                params=config.cache_params(),
-                recompute_segments=config.recompute_segments,
-            )
-        )
-        runs[-1].steps = [_light(step) for step in runs[-1].steps]
+    runs = generate_batch(
+        inputs.model,
+        inputs.tokenizer,
+        [(inputs.frames.captions[story][0], inputs.features[story, 0]) for _, story in units],
+        segments=config.segments,
+        policy=config.policy,
+        params=config.cache_params(),
+        recompute_segments=config.recompute_segments,
+        progress=progress,
+    )
+    for run in runs:
+        run.steps = [_light(step) for step in run.steps]
     if cache is not None:
         save_torch(runs, cache)
     return runs
@@ -364,12 +362,11 @@ def run_cell(
     config = resolve_config(config, inputs)  # the window the cell runs with is the one its record shows
     units = cell_units(config, inputs.frames.stories)
     detokenizer = load_detokenizer(config.adaptation, preset)
-    runs, drawn = [], []
-    for seed in config.seed_list:  # seed by seed, in the order of `units`
-        one = replace(config, seed=seed, seeds=1)
-        seed_runs = generate_stories(one, inputs, artifacts_folder(preset.name) / "stories", progress)
-        runs += seed_runs
-        drawn.append(draw_images(detokenizer, seed_runs, one, progress))
+    runs = generate_stories(config, inputs, artifacts_folder(preset.name) / "stories", progress)
+    drawn = []
+    for seed in config.seed_list:  # seed by seed, in the order of `units`, each seed with its own noise
+        seed_runs = [run for run, (unit_seed, _) in zip(runs, units) if unit_seed == seed]
+        drawn.append(draw_images(detokenizer, seed_runs, replace(config, seed=seed, seeds=1), progress))
     images = _concat(drawn)  # [units, S, 3, H, W]
     stories = [story for _, story in units]
     features = judge_features(images, inputs)

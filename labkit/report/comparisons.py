@@ -122,7 +122,7 @@ class Comparisons:
                 else:
                     ia, ib = np.array([i for i, _ in pairs]), np.array([j for _, j in pairs])
                     difference, low, high = paired_bootstrap(
-                        lambda idx: fb(ib[idx]) - fa(ia[idx]), n, FID_RESAMPLES, BOOTSTRAP_SEED
+                        lambda idx: fb(ib[idx]) - fa(ia[idx]), n, FID_RESAMPLES, BOOTSTRAP_SEED, bias_corrected=True
                     )
             else:
                 a, b = ga.unit_values[metric], gb.unit_values[metric]

@@ -208,7 +208,9 @@ class Group:
             statistic = self.frechet()
             if statistic is None:
                 return _mean_or_none([_path(c, "metrics", "overall", "fid") for c in self.cells]), [None, None]
-            point, low, high = paired_bootstrap(statistic, len(self.unit_keys), FID_RESAMPLES, BOOTSTRAP_SEED)
+            point, low, high = paired_bootstrap(
+                statistic, len(self.unit_keys), FID_RESAMPLES, BOOTSTRAP_SEED, bias_corrected=True
+            )
             return as_number(point), as_interval(low, high)
         if metric in UNIT_METRICS:
             if not self.per_unit:

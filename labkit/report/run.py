@@ -1,10 +1,12 @@
 """`labkit report`: run the lab's notebooks with papermill over the ablation grid; write `reports/<preset>/`.
 
-Three kinds of runs, in order: the course notebooks 00-06 (each once, on the reference checkpoints), the grid's
-runs (`grids/<preset>.yaml`: notebook 07 once per policy × length × adaptation × seed) and notebook 08, which
-aggregates them. A run whose executed notebook exists with the same parameters is reused, so an interrupted
-report resumes and a second one costs seconds. A failing run is recorded (its error and the partial notebook)
-and the others go on; the command then exits non-zero. Outputs::
+Three kinds of runs: the course notebooks 00-06 (each once, on the reference checkpoints), the grid's runs
+(`grids/<preset>.yaml`: notebook 07 once per policy × length × adaptation × seed) and notebook 08, which aggregates
+them. The first two kinds run `REPORT_WORKERS` at a time, in that order as workers free up (cells that share
+generated stories one after another: `labkit.report.scheduler`); notebook 08 runs last, alone. A run whose executed
+notebook exists with the same parameters is reused, so an interrupted report resumes and a second one costs
+seconds. A failing run is recorded (its error and the partial notebook) and the others go on; the command then
+exits non-zero. Outputs::
 
     reports/<preset>/executed/<run>.ipynb       executed notebooks (`<run>.partial.ipynb` for failed ones)
     reports/<preset>/html/<run>.html            HTML exports
@@ -16,9 +18,12 @@ and the others go on; the command then exits non-zero. Outputs::
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
+import multiprocessing
 import os
 import time
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 from safetensors.torch import load_file
@@ -35,6 +40,7 @@ from labkit.report.findings import findings
 from labkit.report.grid import GridRun, default_grid, load_grid, undeclared_parameters
 from labkit.report.index import index_html, index_markdown
 from labkit.report.paper_tables import stress, table2, table4
+from labkit.report.scheduler import generation_group, schedule
 
 
 def _portable(parameters: dict) -> dict:
@@ -42,8 +48,12 @@ def _portable(parameters: dict) -> dict:
 
 
 # Floating point depends on how many threads split a sum, so every notebook of the report runs with the same
-# count on any machine: 2, the cores of the laptop CPU the committed report was made on (README, "Reproducibility").
-REPORT_THREADS = 2
+# count on any machine (README, "Reproducibility"): 1. The models are tiny, so a second thread in a kernel helps
+# little; two one-thread kernels side by side (REPORT_WORKERS) use two cores far better.
+REPORT_THREADS = 1
+# Notebooks executing at once (at most the machine's cores). It does not change any number: each kernel is its own
+# process with REPORT_THREADS threads, and cells sharing generated stories never run together (`generation_group`).
+REPORT_WORKERS = 2
 THREAD_VARIABLES = ("OMP_NUM_THREADS", "MKL_NUM_THREADS")
 
 
@@ -126,25 +136,25 @@ def _records_digest(out: Path) -> str:
 
 
 def _run_digest(run: GridRun, source: Path) -> str:
-    """The run's parameters and its notebook's text: a finished run is reused only if neither changed."""
+    """The run's parameters, its notebook's text and the kernels' thread count (it changes the numbers): a finished
+    run is reused only if none of them changed."""
     import hashlib
 
     text = source.read_bytes() if source.is_file() else b""
-    return hashlib.sha256(run.digest().encode() + text).hexdigest()[:16]
+    return hashlib.sha256(run.digest().encode() + text + f"threads={REPORT_THREADS}".encode()).hexdigest()[:16]
 
 
-def _execute(run: GridRun, out: Path, rerun: bool = False) -> dict:
-    """Run one notebook unless an identical run already finished; never raises for a failing notebook."""
-    import nbformat
-    import papermill
-    from nbconvert import HTMLExporter
+def _notebook_pool(workers: int) -> ProcessPoolExecutor:
+    # Processes, not threads: papermill chdir()s the whole process into the notebook's folder while it runs
+    # (papermill.utils.chdir), so two notebooks in threads would restore each other's working directory. Spawned, not
+    # forked: this process has imported torch, whose thread pools do not survive a fork. A worker only waits on its
+    # kernel; it imports this module once (torch, transformers: seconds) and serves the next runs too.
+    return ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"))
 
-    executed = out / "executed" / f"{run.run_id}.ipynb"
-    partial = executed.with_suffix(".partial.ipynb")
-    stamp = executed.with_suffix(".json")
-    source = project_root() / "notebooks" / run.notebook
-    digest = _run_digest(run, source)
-    result = {
+
+def _result(run: GridRun) -> dict:
+    """The run's entry in summary.json's `runs`, before its status is known."""
+    return {
         "run": run.run_id,
         "notebook": run.notebook,
         "title": run.title,
@@ -153,9 +163,33 @@ def _execute(run: GridRun, out: Path, rerun: bool = False) -> dict:
         "status": "ok",
         "seconds": 0.0,
     }
+
+
+def _reused(run: GridRun, out: Path) -> dict | None:
+    """The result of an identical run that already finished (it is reused), or None."""
+    executed = out / "executed" / f"{run.run_id}.ipynb"
+    stamp = executed.with_suffix(".json")
     finished = json.loads(stamp.read_text(encoding="utf-8")) if stamp.is_file() and executed.is_file() else {}
-    if not rerun and finished.get("digest") == digest:
-        return {**result, "status": "reused", "seconds": finished["seconds"]}
+    if finished.get("digest") != _run_digest(run, project_root() / "notebooks" / run.notebook):
+        return None
+    return {**_result(run), "status": "reused", "seconds": finished["seconds"]}
+
+
+def _execute(run: GridRun, out: Path, rerun: bool = False) -> dict:
+    """Run one notebook unless an identical run already finished; never raises for a failing notebook."""
+    import nbformat
+    import papermill
+    from nbconvert import HTMLExporter
+
+    reused = None if rerun else _reused(run, out)
+    if reused is not None:
+        return reused
+    executed = out / "executed" / f"{run.run_id}.ipynb"
+    partial = executed.with_suffix(".partial.ipynb")
+    stamp = executed.with_suffix(".json")
+    source = project_root() / "notebooks" / run.notebook
+    digest = _run_digest(run, source)
+    result = _result(run)
     if not source.is_file():
         return {**result, "status": "failed", "error": f"{source}: notebook not found", "partial": None}
     undeclared = undeclared_parameters(source, run.parameters)
@@ -280,11 +314,13 @@ def run_report(
     course: bool = True,
     data_root: Path | str | None = None,
     rerun: bool = False,
+    workers: int | None = None,
 ) -> tuple[Path, list[dict]]:
     """Run every notebook of the report and write its folder; returns (index.md, the failed runs).
 
     `course=False` runs only the grid and notebook 08; `data_root` replaces the preset's data set; `rerun`
-    executes every notebook even if an identical run finished (after changing labkit's code, say)."""
+    executes every notebook even if an identical run finished (after changing labkit's code, say); `workers`
+    notebooks run at once (default `REPORT_WORKERS`, at most the cores; 1: one after another)."""
     import torch
 
     config = get_preset(preset)  # fail fast on an unknown preset, before any work
@@ -296,20 +332,35 @@ def run_report(
     start = time.perf_counter()
     data = str(Path(data_root).resolve()) if data_root else str(ensure_dataset(config, progress))
     runs = (course_runs(preset, data) if course else []) + _with_data(runs, data)
-    results = []
+    workers = max(1, workers) if workers is not None else min(REPORT_WORKERS, os.cpu_count() or 1)
     bar = tqdm(total=len(runs) + 1, desc="report", unit="run", disable=not progress)
-    with fixed_threads(REPORT_THREADS):  # the kernels papermill starts inherit it
-        for run in runs:
-            bar.set_postfix_str(run.run_id)
-            results.append(_execute(run, out, rerun))
-            bar.update()
+    running: list[str] = []  # the bar's postfix: the runs executing now
+
+    def started(run: GridRun) -> None:
+        running.append(run.run_id)
+        bar.set_postfix_str(", ".join(running))
+
+    def finished(run: GridRun, result: dict) -> None:
+        running.remove(run.run_id)
+        bar.set_postfix_str(", ".join(running), refresh=False)
+        bar.update()
+
+    # Finished runs are reused here: a report with nothing to run starts no worker (each imports torch: seconds).
+    results = [None if rerun else _reused(run, out) for run in runs]
+    bar.update(len(runs) - results.count(None))
+    with fixed_threads(REPORT_THREADS):  # set before the pool starts: its workers, and the kernels, inherit it
+        execute = functools.partial(_execute, out=out, rerun=rerun)
+        todo = [run for run, result in zip(runs, results) if result is None]
+        executed = iter(schedule(todo, execute, workers, generation_group, started, finished, pool=_notebook_pool))
+        results = [result if result is not None else next(executed) for result in results]
         final = GridRun(
             "08_report.ipynb",
             {"preset": preset, "report_dir": str(out), "cells": _records_digest(out)},
             "The report: the paper's Table 2 and Table 4 beside the lab's, and the findings",
         )
+        started(final)  # after every other run, alone: it reads them all
         results.append(_execute(final, out, rerun))
-    bar.update()
+        finished(final, results[-1])
     bar.close()
     for result in results:
         record = out / "runs" / result["run"] / "metrics.json"
@@ -321,7 +372,12 @@ def run_report(
         "git_commit": git_commit(),
         "packages": package_versions(),
         "device": "cuda" if torch.cuda.is_available() else "cpu",
-        "machine": {"cpu": cpu_model(), "cores": os.cpu_count(), "notebook_threads": REPORT_THREADS},
+        "machine": {
+            "cpu": cpu_model(),
+            "cores": os.cpu_count(),
+            "notebook_threads": REPORT_THREADS,
+            "notebook_workers": workers,
+        },
         "wall_seconds": round(time.perf_counter() - start, 2),
         "runs": results,
         **build_tables(out, preset),
