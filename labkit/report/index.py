@@ -186,7 +186,10 @@ def index_markdown(summary: dict) -> str:
     lines = [
         f"# SEED-Story Lab report: preset `{summary['preset']}`",
         "",
-        f"Commit `{summary['git_commit']}`; wall time {summary['wall_seconds']:.0f} s on {summary['device']}. "
+        f"Commit `{summary['git_commit']}`; wall time {summary['wall_seconds']:.0f} s on {summary['device']} "
+        f"({summary.get('executed_runs', '?')} notebooks executed, the others reused; the notebooks took "
+        f"{summary.get('notebook_seconds', 0):.0f} s in all when they ran, "
+        f"{summary.get('machine', {}).get('notebook_workers', 1)} at a time). "
         "Regenerate with `make report` (reuses finished runs) or `labkit report --retrain` (every stage from scratch).",
         "",
     ]

@@ -17,15 +17,17 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Sequence
 
 from labkit.core.artifacts import ARTIFACTS, MANIFEST
 from labkit.core.atomic import write_text
-from labkit.core.errors import LabError
+from labkit.core.errors import LabError, ParameterError
 from labkit.core.paths import CHECKPOINTS_ENV, project_root
 from labkit.core.presets import get_preset
 from labkit.data.storystream_mini import ensure_dataset
@@ -138,13 +140,16 @@ def retrain_all(
     schedule: str = "reference",
     slots: int | None = None,
     full_study: bool = False,
+    stages: Sequence[str] | None = None,
 ) -> dict[str, float]:
     """Train every reference checkpoint into `folder`, independent stages side by side; return each stage's
     wall seconds, plus `"total"` (the wall time of the whole graph).
 
     `schedule="quick"` runs the same graph with the quick schedules (minutes, not hours): a check that the whole
     from-scratch path works, not a reproduction of the reference numbers. The sink-emergence study retrains the
-    two runs in which a sink grows; `full_study=True` adds the three runs that show none (about 60 more minutes)."""
+    two runs in which a sink grows; `full_study=True` adds the three runs that show none (about 60 more minutes).
+    `stages` retrains only the stages named; the others, and the sink-emergence study, are copied from the
+    committed references (`keep_committed`)."""
     folder = Path(folder).resolve()
     ensure_dataset(get_preset(preset), progress)  # made once here, not by two processes at the same time
     slots = slots or min(2, os.cpu_count() or 1)
@@ -163,6 +168,9 @@ def retrain_all(
 
     start = time.perf_counter()
     jobs = retrain_jobs(schedule, full_study)
+    if stages is not None:
+        keep_committed(folder, preset, stages)
+        jobs = [job for job in jobs if job.name in ARTIFACTS]  # copied stages count as done; the study is copied
     seconds = run_jobs(jobs, command, folder, slots, env, progress)
     seconds["total"] = round(time.perf_counter() - start, 1)
     parts = sorted((folder / SINK_PARTS).glob("*.json"))
@@ -171,6 +179,27 @@ def retrain_all(
         write_text(folder / "sink_emergence.json", json.dumps(study, indent=1) + "\n")
     write_text(folder / "retrain_seconds.json", json.dumps(seconds, indent=1) + "\n")
     return seconds
+
+
+def keep_committed(folder: Path, preset: str, stages: Sequence[str]) -> list[str]:
+    """Copy every committed stage except `stages` into `folder`, and the committed sink-emergence study, so that
+    a retrain trains only `stages` (and reads the committed versions of what they need). Returns the stages
+    copied. A stage already in `folder` is left as it is."""
+    if unknown := sorted(set(stages) - set(ARTIFACTS)):
+        raise ParameterError("retrain-stages", f"unknown stages {unknown}; choose from {', '.join(ARTIFACTS)}")
+    committed = project_root() / "checkpoints" / preset  # not checkpoints_folder: a retrain points it here
+    copied = []
+    for name in ARTIFACTS:
+        if name in stages or (folder / name).exists():
+            continue
+        if not (committed / name / MANIFEST).is_file():
+            raise LabError(f"retrain: no committed {name} in {committed} to keep; retrain it too")
+        shutil.copytree(committed / name, folder / name)
+        copied.append(name)
+    study = committed / "sink_emergence.json"
+    if study.is_file() and not (folder / study.name).exists():
+        shutil.copy2(study, folder / study.name)
+    return copied
 
 
 # How far a retrained report may stand from the committed one and still count as reproducing it (set before the

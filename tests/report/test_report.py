@@ -394,3 +394,22 @@ def test_table4_carries_stage3_held_out_pairs_and_the_weaker_evidence_decides():
     # the stories give no interval (no per-story units here), so the weaker evidence leaves it inconclusive
     assert finding["verdict"] == "inconclusive"
     assert any("held-out" in e["comparison"] and e["verdict"] == "reproduced" for e in finding["evidence"])
+
+
+def test_retraining_some_stages_copies_the_others_from_the_committed_references(tmp_path, monkeypatch):
+    from labkit.report import retrain
+
+    started = []
+    monkeypatch.setenv("LABKIT_CHECKPOINTS", str(tmp_path))  # retrain_all points it at its folder: restore it after
+    monkeypatch.setattr(retrain, "ensure_dataset", lambda preset, progress: None)
+    monkeypatch.setattr(
+        retrain, "run_jobs", lambda jobs, command, folder, slots, env, progress: started.extend(jobs) or {}
+    )
+    retrain.retrain_all("tiny", tmp_path, progress=False, stages=["lm", "mllm"])
+    copied = {p.name for p in tmp_path.iterdir() if p.is_dir()}
+    assert copied == set(retrain.ARTIFACTS) - {"lm", "mllm"}  # what the two retrained stages read, committed
+    assert (tmp_path / "sink_emergence.json").is_file()  # the study is copied, not rerun
+    assert {job.name for job in started} == set(retrain.ARTIFACTS)  # the copied ones are found done by run_jobs
+    assert all(retrain.is_done(retrain.Job(name), tmp_path) for name in copied)
+    with pytest.raises(ParameterError, match="retrain-stages"):
+        retrain.retrain_all("tiny", tmp_path, progress=False, stages=["llm"])
