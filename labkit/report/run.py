@@ -165,6 +165,12 @@ def _result(run: GridRun) -> dict:
     }
 
 
+def _last_seconds(run: GridRun, out: Path) -> float:
+    """How long the run took when it last executed (its stamp, whatever its parameters were then); 0 if never."""
+    stamp = out / "executed" / f"{run.run_id}.json"
+    return json.loads(stamp.read_text(encoding="utf-8")).get("seconds", 0.0) if stamp.is_file() else 0.0
+
+
 def _reused(run: GridRun, out: Path) -> dict | None:
     """The result of an identical run that already finished (it is reused), or None."""
     executed = out / "executed" / f"{run.run_id}.ipynb"
@@ -350,9 +356,13 @@ def run_report(
     bar.update(len(runs) - results.count(None))
     with fixed_threads(REPORT_THREADS):  # set before the pool starts: its workers, and the kernels, inherit it
         execute = functools.partial(_execute, out=out, rerun=rerun)
-        todo = [run for run, result in zip(runs, results) if result is None]
-        executed = iter(schedule(todo, execute, workers, generation_group, started, finished, pool=_notebook_pool))
-        results = [result if result is not None else next(executed) for result in results]
+        # longest first (as the last report timed them), so that no long run starts while the other worker idles
+        todo = sorted(
+            (run for run, result in zip(runs, results) if result is None), key=lambda r: -_last_seconds(r, out)
+        )
+        executed = schedule(todo, execute, workers, generation_group, started, finished, pool=_notebook_pool)
+        by_id = {run.run_id: result for run, result in zip(todo, executed)}
+        results = [result if result is not None else by_id[run.run_id] for run, result in zip(runs, results)]
         final = GridRun(
             "08_report.ipynb",
             {"preset": preset, "report_dir": str(out), "cells": _records_digest(out)},
