@@ -245,12 +245,16 @@ def _info(args: argparse.Namespace) -> int:
 
 
 def _bench(args: argparse.Namespace) -> int:
-    from labkit.experiments.bench import generation_ratios, stage2_step_ratio
+    from labkit.experiments.bench import batch_ratio, generation_ratios, stage2_step_ratio
 
-    if args.name == "generation":
+    if args.name == "batch":
+        print(json.dumps(batch_ratio(repeats=args.repeats or 1), indent=2))
+    elif args.name == "generation":
         print(json.dumps(generation_ratios(segments=args.segments), indent=2))
     else:
-        print(json.dumps(stage2_step_ratio(args.preset, batch_size=args.batch_size, repeats=args.repeats), indent=2))
+        print(
+            json.dumps(stage2_step_ratio(args.preset, batch_size=args.batch_size, repeats=args.repeats or 15), indent=2)
+        )
     return 0
 
 
@@ -469,11 +473,11 @@ def build_parser() -> argparse.ArgumentParser:
     info.set_defaults(run=_info)
 
     bench = commands.add_parser("bench", help="speed targets as ratios measured side by side (BENCHMARKS.md)")
-    bench.add_argument("name", choices=("stage2-step", "generation"))
+    bench.add_argument("name", choices=("stage2-step", "generation", "batch"))
     bench.add_argument("--segments", type=int, default=100, help="generation: story length for the sink policies")
     bench.add_argument("--preset", default="tiny")
     bench.add_argument("--batch-size", type=int, default=12)
-    bench.add_argument("--repeats", type=int, default=15)
+    bench.add_argument("--repeats", type=int, help="timings per side (default: stage2-step 15, batch 1)")
     bench.set_defaults(run=_bench)
 
     trace = commands.add_parser("trace-cache", help="which story positions a KV-cache policy holds, segment by segment")

@@ -14,14 +14,17 @@ from typing import Callable
 import torch
 from transformers import LlamaForCausalLM
 
+from labkit.core.artifacts import require
 from labkit.core.paths import project_root
 from labkit.core.presets import get_preset
+from labkit.data.frames import load_frames
 from labkit.data.layout import build_layout
 from labkit.data.sampler import random_length_sample
 from labkit.data.storystream_mini import load_tokenizer, open_split
 from labkit.data.text_tokenizer import StoryTokenizer
-from labkit.inference.generate import generate_story
+from labkit.inference.generate import generate_stories, generate_story
 from labkit.models.mllm import MLLMBatch, SeedStoryMLLM, collate, llm_config
+from labkit.training.stage2 import load_mllm
 
 
 def _story_batch(tokenizer: StoryTokenizer, preset, captions: list[list[str]], batch_size: int, seed: int) -> MLLMBatch:
@@ -169,6 +172,59 @@ def generation_ratios(
             "dense_vs_mm_sink_kv": ">= 2",
             "recompute_vs_mm_sink_time": "reported, no target (about 1-2x expected)",
         },
+        "machine": (
+            f"{platform.processor() or platform.machine()}, "
+            f"{torch.get_num_threads()} threads, torch {torch.__version__}"
+        ),
+    }
+
+
+def batch_ratio(
+    stories: int = 9,
+    segments: int = 25,
+    policies: tuple[str, ...] = ("dense", "sink", "mm-sink", "recompute-window"),
+    repeats: int = 1,
+) -> dict:
+    """Seconds to write `stories` stories one by one vs as one batch (`generate_stories`, as a report cell does),
+    per policy, alternating the two so that load on the machine hits both alike; medians over `repeats`.
+
+    The reference MLLM writes its own captions (greedy, so the rows of a batch finish them at different times and
+    hold different numbers of entries, as in the report), from the committed sample stories' openings; the
+    window is the training length at tiny (315 tokens), mm-sink's cap the report's 384."""
+    preset = get_preset("tiny")
+    model, tokenizer, _ = load_mllm(require("mllm", preset.name), preset)
+    root = project_root() / "data_samples" / "storystream-mini"
+    firsts = [caption[0] for split in ("train", "val", "test") for caption in load_frames(root, split).captions]
+    n, d = preset.visual_tokenizer.num_features, preset.visual_tokenizer.feature_dim
+    generator = torch.Generator().manual_seed(0)
+    openings = [(firsts[i % len(firsts)], torch.randn(n, d, generator=generator)) for i in range(stories)]
+    sizes = {
+        "window": {"window": 315},
+        "sink": {"sink": 4, "window": 315},
+        "mm-sink": {"sink": 4, "window": 315, "cap": 384},
+    }
+    generate_stories(model, tokenizer, openings[:2], 2, "dense")  # warm-up: first calls pay one-time costs
+    out = {}
+    for policy in policies:
+        params = sizes.get(policy, {})
+        one_by_one, batched = [], []
+        for _ in range(repeats):
+            one_by_one.append(
+                _seconds(
+                    lambda: [
+                        generate_story(model, tokenizer, *opening, segments, policy, params) for opening in openings
+                    ]
+                )
+            )
+            batched.append(_seconds(lambda: generate_stories(model, tokenizer, openings, segments, policy, params)))
+        a, b = statistics.median(one_by_one), statistics.median(batched)
+        out[policy] = {"one_by_one_seconds": round(a, 2), "batch_seconds": round(b, 2), "ratio": round(a / b, 2)}
+    return {
+        "benchmark": "batch",
+        "stories": stories,
+        "segments": segments,
+        "repeats": repeats,
+        "policies": out,
         "machine": (
             f"{platform.processor() or platform.machine()}, "
             f"{torch.get_num_threads()} threads, torch {torch.__version__}"
