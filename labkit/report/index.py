@@ -168,12 +168,16 @@ def model_markdown(model: dict | None, variance: dict | None) -> list[str]:
             "",
         ]
     if variance:
-        changes = ", ".join(f"{metric} {change:.3g}" for metric, change in sorted(variance["largest_change"].items()))
+        changes = ", ".join(
+            f"{metric} {change:.3g}" + (" (relative)" if metric == "fid" else "")
+            for metric, change in sorted(variance["largest_change"].items())
+        )
         lines += [
             "## How much retraining moves the numbers",
             "",
             f"Retraining every stage with other float rounding (two threads instead of one; `{variance['source']}`, "
-            f"{variance['cells']} cells of 25 segments) moved the metrics by up to: {changes} (absolute). "
+            f"{variance['cells']} cells of 25 segments) moved the metrics by up to: {changes} "
+            "(absolute unless marked). "
             "Differences between policies smaller than this are within retraining noise whatever their interval "
             "over stories says.",
             "",
