@@ -165,10 +165,16 @@ def _result(run: GridRun) -> dict:
     }
 
 
-def _last_seconds(run: GridRun, out: Path) -> float:
-    """How long the run took when it last executed (its stamp, whatever its parameters were then); 0 if never."""
-    stamp = out / "executed" / f"{run.run_id}.json"
-    return json.loads(stamp.read_text(encoding="utf-8")).get("seconds", 0.0) if stamp.is_file() else 0.0
+def _last_seconds(out: Path) -> dict[str, float]:
+    """How long each run took when it last executed: its stamp, else the last summary.json in `out` (committed:
+    a fresh clone has no stamps), whatever its parameters were then. Runs never timed are missing."""
+    summary = out / "summary.json"
+    seconds = {}
+    if summary.is_file():
+        seconds = {r["run"]: r.get("seconds") or 0.0 for r in json.loads(summary.read_text(encoding="utf-8"))["runs"]}
+    for stamp in (out / "executed").glob("*.json"):
+        seconds[stamp.stem] = json.loads(stamp.read_text(encoding="utf-8")).get("seconds", 0.0)
+    return seconds
 
 
 def _reused(run: GridRun, out: Path) -> dict | None:
@@ -357,8 +363,9 @@ def run_report(
     with fixed_threads(REPORT_THREADS):  # set before the pool starts: its workers, and the kernels, inherit it
         execute = functools.partial(_execute, out=out, rerun=rerun)
         # longest first (as the last report timed them), so that no long run starts while the other worker idles
+        last = _last_seconds(out)
         todo = sorted(
-            (run for run, result in zip(runs, results) if result is None), key=lambda r: -_last_seconds(r, out)
+            (run for run, result in zip(runs, results) if result is None), key=lambda r: -last.get(r.run_id, 0)
         )
         executed = schedule(todo, execute, workers, generation_group, started, finished, pool=_notebook_pool)
         by_id = {run.run_id: result for run, result in zip(todo, executed)}
