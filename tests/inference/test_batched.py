@@ -40,7 +40,9 @@ def _openings(inputs):
 def test_a_batch_writes_what_each_story_writes_alone(inputs, policy):
     params = SMALL[policy]
     alone = [
-        generate_story(inputs.model, inputs.tokenizer, caption, features, SEGMENTS, policy, params, recompute_segments=2)
+        generate_story(
+            inputs.model, inputs.tokenizer, caption, features, SEGMENTS, policy, params, recompute_segments=2
+        )
         for caption, features in _openings(inputs)
     ]
     batch = generate_stories(
@@ -61,7 +63,9 @@ def test_a_batch_writes_what_each_story_writes_alone(inputs, policy):
 def test_a_batch_scores_what_each_story_scores_alone(inputs, policy):
     stories = [(inputs.frames.captions[i][:SEGMENTS], inputs.features[i, :SEGMENTS]) for i in range(STORIES)]
     params = SMALL[policy]
-    alone = [score_story(inputs.model, inputs.tokenizer, c, f, policy, params, recompute_segments=2) for c, f in stories]
+    alone = [
+        score_story(inputs.model, inputs.tokenizer, c, f, policy, params, recompute_segments=2) for c, f in stories
+    ]
     batch = score_stories(inputs.model, inputs.tokenizer, stories, policy, params, recompute_segments=2)
     for one, row in zip(alone, batch):
         assert row.kv_entries == one.kv_entries
