@@ -29,7 +29,6 @@ def main() -> None:
     parser.add_argument("--cpu-smoke", action="store_true", help="run the same code on the CPU (a check of the script)")
     args = parser.parse_args()
 
-
     from labkit.core.presets import get_preset
     from labkit.data.frames import load_frames, to_float
     from labkit.data.storystream_mini import MakeConfig, load_tokenizer, make_dataset

@@ -22,6 +22,7 @@ from labkit.data.layout import build_layout
 from labkit.data.sampler import random_length_sample
 from labkit.data.storystream_mini import load_tokenizer, open_split
 from labkit.data.text_tokenizer import StoryTokenizer
+from labkit.experiments.story_ablation import training_window_tokens
 from labkit.inference.generate import generate_stories, generate_story
 from labkit.models.mllm import MLLMBatch, SeedStoryMLLM, collate, llm_config
 from labkit.training.stage2 import load_mllm
@@ -41,6 +42,11 @@ def _story_batch(tokenizer: StoryTokenizer, preset, captions: list[list[str]], b
             torch.randn(len(sample.captions), n, d, generator=torch.Generator().manual_seed(rng.randrange(1 << 30)))
         )
     return collate(layouts, features, tokenizer.pad_id)
+
+
+def _machine() -> str:
+    """The processor, the threads torch uses and its version: what a benchmark's figures depend on."""
+    return f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}"
 
 
 def _seconds(step: Callable[[], None]) -> float:
@@ -99,10 +105,7 @@ def stage2_step_ratio(
         "plain_llama_seconds": round(plain_median, 4),
         "ratio": round(mllm_median / plain_median, 3),
         "target": "<= 1.25",
-        "machine": (
-            f"{platform.processor() or platform.machine()}, "
-            f"{torch.get_num_threads()} threads, torch {torch.__version__}"
-        ),
+        "machine": _machine(),
     }
 
 
@@ -172,10 +175,7 @@ def generation_ratios(
             "dense_vs_mm_sink_kv": ">= 2",
             "recompute_vs_mm_sink_time": "reported, no target (about 1-2x expected)",
         },
-        "machine": (
-            f"{platform.processor() or platform.machine()}, "
-            f"{torch.get_num_threads()} threads, torch {torch.__version__}"
-        ),
+        "machine": _machine(),
     }
 
 
@@ -190,18 +190,21 @@ def batch_ratio(
 
     The reference MLLM writes its own captions (greedy, so the rows of a batch finish them at different times and
     hold different numbers of entries, as in the report), from the committed sample stories' openings; the
-    window is the training length at tiny (315 tokens), mm-sink's cap the report's 384."""
+    window is the training length (`training_window_tokens` of the sample stories, as a report cell resolves it),
+    mm-sink's cap the report's 384."""
     preset = get_preset("tiny")
     model, tokenizer, _ = load_mllm(require("mllm", preset.name), preset)
     root = project_root() / "data_samples" / "storystream-mini"
-    firsts = [caption[0] for split in ("train", "val", "test") for caption in load_frames(root, split).captions]
+    captions = [caption for split in ("train", "val", "test") for caption in load_frames(root, split).captions]
+    firsts = [caption[0] for caption in captions]
     n, d = preset.visual_tokenizer.num_features, preset.visual_tokenizer.feature_dim
     generator = torch.Generator().manual_seed(0)
     openings = [(firsts[i % len(firsts)], torch.randn(n, d, generator=generator)) for i in range(stories)]
+    window = training_window_tokens(tokenizer, captions, preset.data.chunk_length, model.num_queries)
     sizes = {
-        "window": {"window": 315},
-        "sink": {"sink": 4, "window": 315},
-        "mm-sink": {"sink": 4, "window": 315, "cap": 384},
+        "window": {"window": window},
+        "sink": {"sink": 4, "window": window},
+        "mm-sink": {"sink": 4, "window": window, "cap": 384},
     }
     generate_stories(model, tokenizer, openings[:2], 2, "dense")  # warm-up: first calls pay one-time costs
     out = {}
@@ -224,9 +227,7 @@ def batch_ratio(
         "stories": stories,
         "segments": segments,
         "repeats": repeats,
+        "window": window,
         "policies": out,
-        "machine": (
-            f"{platform.processor() or platform.machine()}, "
-            f"{torch.get_num_threads()} threads, torch {torch.__version__}"
-        ),
+        "machine": _machine(),
     }

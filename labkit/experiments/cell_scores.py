@@ -127,13 +127,18 @@ def teacher_forced(
         "per_story": {
             "story": stories,
             "caption_nll": [_nanmean(s.nll[1:]) for s in scores],  # segments 2..S (segment 1 is not scored)
-            # 1-based segments 2..chunk_length: the context fits what training showed
-            "caption_nll_within": [_nanmean(s.nll[1:chunk_length]) for s in scores],
-            # 1-based segments chunk_length+2..S: after the first eviction (NaN when the story is not that long)
-            "caption_nll_beyond": [_nanmean(s.nll[chunk_length + 1 :]) for s in scores],
+            "caption_nll_within": [nll_within_beyond(s.nll, chunk_length)[0] for s in scores],
+            "caption_nll_beyond": [nll_within_beyond(s.nll, chunk_length)[1] for s in scores],
             "feature_cosine_error": [_nanmean(s.cosine_error) for s in scores],
         },
     }
+
+
+def nll_within_beyond(nll: list[float], chunk_length: int) -> tuple[float, float]:
+    """A story's mean caption NLL within the training length (1-based segments 2..chunk_length: the context fits
+    what training showed) and beyond it (segments chunk_length+2..S: after the first eviction; NaN when the story
+    is not that long). Segment 1 is the given opening, never scored."""
+    return _nanmean(nll[1:chunk_length]), _nanmean(nll[chunk_length + 1 :])
 
 
 def _nanmean(values: list[float]) -> float:

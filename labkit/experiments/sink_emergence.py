@@ -31,6 +31,7 @@ from labkit.data.layout import build_layout
 from labkit.data.lm_corpus import backcopy_sequence, story_documents, successor_table
 from labkit.data.storystream_mini import ensure_dataset, load_tokenizer
 from labkit.data.text_tokenizer import StoryTokenizer
+from labkit.experiments.cell_scores import nll_within_beyond
 from labkit.experiments.story_ablation import CellConfig, training_window_tokens
 from labkit.inference.attention import attention_maps_plain, multimodal_bos_ratios, plain_bos_ratios
 from labkit.inference.long_context import score_story
@@ -217,8 +218,6 @@ def reference_study(data_root=None, progress: bool = True) -> dict:
 
 # ---- The sink in the trained MLLM (issue 13's target) -------------------------------------------------------------
 
-WITHIN = (2, 10)  # 1-based segments inside the training length (segment 1 is the given opening)
-
 
 def mllm_sink_evidence(
     model,
@@ -254,8 +253,7 @@ def mllm_sink_evidence(
     teacher_forced = {}
     for policy, params in policies.items():
         runs = [score_story(model, tokenizer, captions[i], features[i], policy, params) for i in range(stories)]
-        within = [sum(r.nll[WITHIN[0] - 1 : WITHIN[1]]) / (WITHIN[1] - WITHIN[0] + 1) for r in runs]
-        beyond = [sum(r.nll[WITHIN[1] + 1 :]) / len(r.nll[WITHIN[1] + 1 :]) for r in runs]
+        within, beyond = zip(*(nll_within_beyond(r.nll, preset.data.chunk_length) for r in runs))
         teacher_forced[policy] = {
             "params": params,
             "nll_within": sum(within) / stories,

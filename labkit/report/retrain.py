@@ -32,6 +32,7 @@ from labkit.core.paths import CHECKPOINTS_ENV, project_root
 from labkit.core.presets import get_preset
 from labkit.data.storystream_mini import ensure_dataset
 from labkit.experiments.sink_emergence import EMERGENCE_RUNS, REFERENCE_RUNS, merge_runs, reference_run
+from labkit.report import scheduler
 from labkit.training.common import StageRun
 from labkit.training.registry import TRAINERS
 
@@ -81,8 +82,9 @@ def run_jobs(
     jobs: list[Job], command, folder: Path, slots: int = 2, env: dict | None = None, progress: bool = True, done=is_done
 ) -> dict[str, float]:
     """Run each job's `command(job)` (an argv) as a process once every job it needs has finished, at most `slots`
-    at a time; each process writes `folder/logs/<name>.log`. Return each job's wall seconds (0 for jobs found
-    done). A failed job stops new starts; the running ones finish, then LabError names the failure and its log."""
+    at a time (`labkit.report.scheduler.schedule`); each process writes `folder/logs/<name>.log`. Return each job's
+    wall seconds (0 for jobs found done). A failed job stops new starts; the running ones finish, then LabError
+    names the failure and its log."""
     from tqdm.auto import tqdm
 
     names = {job.name for job in jobs}
@@ -93,44 +95,41 @@ def run_jobs(
     logs.mkdir(parents=True, exist_ok=True)
     finished = {job.name: 0.0 for job in jobs if done(job, folder)}
     waiting = [job for job in jobs if job.name not in finished]
-    running: dict[str, tuple[subprocess.Popen, float, object]] = {}
-    failed: list[str] = []
+    index = {job.name: i for i, job in enumerate(waiting)}
     bar = tqdm(total=len(jobs), initial=len(finished), desc="retrain stages", disable=not progress)
-    shown = ""
-    while waiting or running:
-        for job in list(waiting):
-            if failed or len(running) >= slots:
-                break
-            if all(need in finished for need in job.needs):
-                log = open(logs / f"{job.name}.log", "a", encoding="utf-8")
-                running[job.name] = (
-                    subprocess.Popen(command(job), stdout=log, stderr=subprocess.STDOUT, env=env),
-                    time.perf_counter(),
-                    log,
-                )
-                waiting.remove(job)
-        if failed and not running:
-            break
-        if not running and waiting:
-            raise LabError(f"retrain: stages {[job.name for job in waiting]} wait on each other")
-        if shown != ", ".join(running):  # redraw only on change: the bar may be going to a log file
-            shown = ", ".join(running)
-            bar.set_postfix_str(shown)
-        time.sleep(0.2)
-        for name, (process, start, log) in list(running.items()):
-            if process.poll() is None:
-                continue
-            log.close()
-            del running[name]
-            if process.returncode:
-                failed.append(name)
-            else:
-                finished[name] = round(time.perf_counter() - start, 1)
-                bar.update(1)
-    bar.close()
-    if failed:
-        raise LabError(f"retrain: stage {failed[0]} failed; see {logs / (failed[0] + '.log')}")
-    return finished
+    running: list[str] = []
+
+    def execute(job: Job) -> float:
+        start = time.perf_counter()
+        with open(logs / f"{job.name}.log", "a", encoding="utf-8") as log:
+            code = subprocess.run(command(job), stdout=log, stderr=subprocess.STDOUT, env=env).returncode
+        if code:
+            raise LabError(f"retrain: stage {job.name} failed; see {logs / (job.name + '.log')}")
+        return round(time.perf_counter() - start, 1)
+
+    def started(job: Job) -> None:
+        running.append(job.name)
+        bar.set_postfix_str(", ".join(running))  # only on change: the bar may be going to a log file
+
+    def ended(job: Job, seconds: float) -> None:
+        running.remove(job.name)
+        bar.set_postfix_str(", ".join(running), refresh=False)
+        bar.update(1)
+
+    try:
+        seconds = scheduler.schedule(
+            waiting,
+            execute,
+            slots,
+            on_start=started,
+            on_finish=ended,
+            needs=lambda job: [index[need] for need in job.needs if need not in finished],
+        )
+    except LabError as error:
+        raise LabError(str(error) if str(error).startswith("retrain:") else f"retrain: {error}") from None
+    finally:
+        bar.close()
+    return {**finished, **{job.name: s for job, s in zip(waiting, seconds)}}
 
 
 def retrain_all(

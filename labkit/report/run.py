@@ -187,15 +187,12 @@ def _reused(run: GridRun, out: Path) -> dict | None:
     return {**_result(run), "status": "reused", "seconds": finished["seconds"]}
 
 
-def _execute(run: GridRun, out: Path, rerun: bool = False) -> dict:
-    """Run one notebook unless an identical run already finished; never raises for a failing notebook."""
+def _execute(run: GridRun, out: Path) -> dict:
+    """Run one notebook (callers decide reuse with `_reused` first); never raises for a failing notebook."""
     import nbformat
     import papermill
     from nbconvert import HTMLExporter
 
-    reused = None if rerun else _reused(run, out)
-    if reused is not None:
-        return reused
     executed = out / "executed" / f"{run.run_id}.ipynb"
     partial = executed.with_suffix(".partial.ipynb")
     stamp = executed.with_suffix(".json")
@@ -361,7 +358,7 @@ def run_report(
     results = [None if rerun else _reused(run, out) for run in runs]
     bar.update(len(runs) - results.count(None))
     with fixed_threads(REPORT_THREADS):  # set before the pool starts: its workers, and the kernels, inherit it
-        execute = functools.partial(_execute, out=out, rerun=rerun)
+        execute = functools.partial(_execute, out=out)
         # longest first (as the last report timed them), so that no long run starts while the other worker idles
         last = _last_seconds(out)
         todo = sorted(
@@ -378,7 +375,7 @@ def run_report(
         started(final)  # after every other run, alone: it reads them all
         with ThreadPoolExecutor(1) as side:  # the summary's tables, made here while notebook 08's kernel makes its own
             tables = side.submit(build_tables, out, preset)
-            results.append(_execute(final, out, rerun))
+            results.append((None if rerun else _reused(final, out)) or _execute(final, out))
             tables = tables.result()
         finished(final, results[-1])
     bar.close()

@@ -298,6 +298,14 @@ def test_retrain_graph_stops_at_a_failed_stage_and_names_its_log(tmp_path):
     assert finished["tokenizer"] == 0.0 and finished["mllm"] > 0  # a finished stage is kept, not trained again
     with pytest.raises(LabError, match="unknown stages"):
         run_jobs([Job("mllm", ("nothing",))], _recording_command(tmp_path), tmp_path, progress=False)
+    with pytest.raises(LabError, match="wait on each other"):
+        run_jobs(
+            [Job("a", ("b",)), Job("b", ("a",))],
+            _recording_command(tmp_path),
+            tmp_path,
+            progress=False,
+            done=lambda job, folder: False,
+        )
 
 
 def test_retrain_runs_every_stage_and_the_two_sink_emergence_runs():
