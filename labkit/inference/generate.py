@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
+from typing import Callable
 
 import torch
 from tqdm.auto import tqdm
@@ -182,7 +183,8 @@ class _Writer:
         return [t.decode(row, skip_special_tokens=True).strip() for row in written]
 
 
-def _cache_params(policy: str, params: dict, model: SeedStoryMLLM, tokenizer: StoryTokenizer) -> dict:
+def layout_cache_params(policy: str, params: dict, model: SeedStoryMLLM, tokenizer: StoryTokenizer) -> dict:
+    """`params` plus what the image-boundary policies need to find images: Q slots and the `<img>`/`</img>` ids."""
     if policy in IMAGE_POLICIES:
         return {"num_image_tokens": model.num_queries, "boi_id": tokenizer.boi_id, "eoi_id": tokenizer.eoi_id, **params}
     return dict(params)
@@ -248,11 +250,14 @@ def generate_stories(
     max_caption_tokens: int = 40,
     fixed_caption_tokens: bool = False,
     progress: bool = False,
+    on_segment: Callable[[list[StoryRun]], None] | None = None,
 ) -> list[StoryRun]:
     """`generate_story` for several stories at once, one per opening (first caption, first features [N, D]),
     written as one batch: each story keeps its own cache, so each story is what it would be alone, up to float
     rounding. A step's wall time is the batch's, shared evenly between its stories (`SegmentStep.seconds`).
-    `progress` shows a bar over segments."""
+    `progress` shows a bar over segments. `on_segment(runs)` is called after every segment (the opening
+    included), so a front end can show a story as it is written; it may raise `StopGeneration` to end the stories
+    there (they keep the segments written so far)."""
     if policy not in STRATEGIES:
         raise ParameterError("policy", f"unknown policy {policy!r}; choose one of {', '.join(STRATEGIES)}")
     if segments < 1:
@@ -267,33 +272,70 @@ def generate_stories(
     model.eval()
     runs = [StoryRun(policy, params, [caption], [features]) for caption, features in openings]
     given = lambda segment: None if captions is None else [story[segment] for story in captions]  # noqa: E731
-    bar = tqdm(total=segments, desc=f"{policy}: {len(runs)} stories", unit="segment", disable=not progress)
+    bar = _Progress(
+        tqdm(total=segments, desc=f"{policy}: {len(runs)} stories", unit="segment", disable=not progress),
+        on_segment,
+        runs,
+    )
     if policy == "recompute-window":
-        _recompute_window(
-            model, tokenizer, runs, segments, given, recompute_segments, max_caption_tokens, fixed_caption_tokens, bar
-        )
-        bar.close()
+        with bar:
+            _recompute_window(
+                model,
+                tokenizer,
+                runs,
+                segments,
+                given,
+                recompute_segments,
+                max_caption_tokens,
+                fixed_caption_tokens,
+                bar,
+            )
         return runs
     caches = [
-        make_cache(policy, model.causal_lm.config, **_cache_params(policy, params, model, tokenizer)) for _ in openings
+        make_cache(policy, model.causal_lm.config, **layout_cache_params(policy, params, model, tokenizer))
+        for _ in openings
     ]
     writer = _Writer(model, tokenizer, caches)
-    start = time.perf_counter()
-    _opening(writer, openings, with_inst=False, with_bos=True)
-    _record(runs, caches, 0, start)
-    bar.update()
-    for segment in range(1, segments):
+    with bar:
         start = time.perf_counter()
-        written, features = writer.segment(given(segment), max_caption_tokens, fixed_caption_tokens)
-        for run, caption, image in zip(runs, written, features):
-            run.captions.append(caption)
-            run.features.append(image)
-        _record(runs, caches, segment, start)
+        _opening(writer, openings, with_inst=False, with_bos=True)
+        _record(runs, caches, 0, start)
         bar.update()
-    bar.close()
+        for segment in range(1, segments):
+            start = time.perf_counter()
+            written, features = writer.segment(given(segment), max_caption_tokens, fixed_caption_tokens)
+            for run, caption, image in zip(runs, written, features):
+                run.captions.append(caption)
+                run.features.append(image)
+            _record(runs, caches, segment, start)
+            bar.update()
     for run, ids, types in zip(runs, writer.ids, writer.types):
         run.token_ids, run.token_types = ids, types
     return runs
+
+
+class StopGeneration(Exception):
+    """Raised by an `on_segment` callback of `generate_stories` to end the stories after the current segment."""
+
+
+class _Progress:
+    """The segment bar of `generate_stories`, which also calls its `on_segment` hook; a `StopGeneration` raised by
+    the hook ends the `with` block quietly."""
+
+    def __init__(self, bar, on_segment, runs: list[StoryRun]):
+        self.bar, self.on_segment, self.runs = bar, on_segment, runs
+
+    def update(self, count: int = 1) -> None:
+        self.bar.update(count)
+        if self.on_segment is not None:
+            self.on_segment(self.runs)
+
+    def __enter__(self) -> "_Progress":
+        return self
+
+    def __exit__(self, kind, error, trace) -> bool:
+        self.bar.close()
+        return kind is not None and issubclass(kind, StopGeneration)
 
 
 def _record(runs: list[StoryRun], caches: list, segment: int, start: float) -> None:
@@ -340,26 +382,28 @@ def _recompute_window(
     _record(runs, writer.caches, 0, start)
     for run, story in zip(runs, stories):
         run.steps[0].kept_positions, run.steps[0].rotation_positions = list(range(len(story.ids))), None
-    bar.update()
-    for segment in range(1, segments):
-        start = time.perf_counter()
-        first = max(0, segment - window)
-        writer = _dense_writer(model, tokenizer, len(runs))
-        writer.reencode([story.texts[first:] for story in stories], [run.features[first:] for run in runs])
-        held = [len(ids) for ids in writer.ids]
-        written, features = writer.segment(given(segment), max_caption_tokens, exact)
-        seconds = (time.perf_counter() - start) / len(runs)
-        for k, (run, story) in enumerate(zip(runs, stories)):
-            run.captions.append(written[k])
-            run.features.append(features[k])
-            story.add(writer.ids[k][held[k] :], writer.types[k][held[k] :])
-            cache = writer.caches[k]
-            run.steps.append(
-                SegmentStep(segment, seconds, cache.get_seq_length(), cache.nbytes(), story.positions(first))
-            )
+    try:  # a `StopGeneration` from `bar` ends the stories early: they still get their tokens
         bar.update()
-    for run, story in zip(runs, stories):
-        run.token_ids, run.token_types = story.ids, story.types
+        for segment in range(1, segments):
+            start = time.perf_counter()
+            first = max(0, segment - window)
+            writer = _dense_writer(model, tokenizer, len(runs))
+            writer.reencode([story.texts[first:] for story in stories], [run.features[first:] for run in runs])
+            held = [len(ids) for ids in writer.ids]
+            written, features = writer.segment(given(segment), max_caption_tokens, exact)
+            seconds = (time.perf_counter() - start) / len(runs)
+            for k, (run, story) in enumerate(zip(runs, stories)):
+                run.captions.append(written[k])
+                run.features.append(features[k])
+                story.add(writer.ids[k][held[k] :], writer.types[k][held[k] :])
+                cache = writer.caches[k]
+                run.steps.append(
+                    SegmentStep(segment, seconds, cache.get_seq_length(), cache.nbytes(), story.positions(first))
+                )
+            bar.update()
+    finally:
+        for run, story in zip(runs, stories):
+            run.token_ids, run.token_types = story.ids, story.types
 
 
 @dataclass

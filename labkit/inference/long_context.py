@@ -21,7 +21,7 @@ from torch.nn import functional as F
 from labkit.caches import make_cache
 from labkit.core.errors import ParameterError
 from labkit.data.text_tokenizer import StoryTokenizer
-from labkit.inference.generate import STRATEGIES, _cache_params, _dense_writer, _opening, _Writer
+from labkit.inference.generate import STRATEGIES, _dense_writer, _opening, _Writer, layout_cache_params
 from labkit.models.mllm import SeedStoryMLLM, cosine_loss
 
 
@@ -86,7 +86,7 @@ def score_stories(
     scores = [SegmentScores([nan], [nan], []) for _ in stories]
     if policy == "recompute-window":
         return _score_recompute(model, tokenizer, stories, recompute_segments, scores)
-    params = _cache_params(policy, dict(params or {}), model, tokenizer)
+    params = layout_cache_params(policy, dict(params or {}), model, tokenizer)
     caches = [make_cache(policy, model.causal_lm.config, **params) for _ in stories]
     writer = _Writer(model, tokenizer, caches)
     hidden = _opening(writer, [(captions[0], features[0]) for captions, features in stories], False, True)

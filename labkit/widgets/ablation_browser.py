@@ -11,7 +11,7 @@ import json
 from pathlib import Path
 
 from labkit.core.paths import project_root
-from labkit.widgets.common import PlotArea
+from labkit.widgets.common import PlotArea, error_html
 
 TABLES = {"table2": "Table 2: attention policies", "table4": "Table 4: de-tokenizer adaptation", "stress": "stress"}
 MATCHED = " (matched budget)"
@@ -124,7 +124,7 @@ def ablation_browser(report: Path | str | None = None, preset: str = "tiny"):
     try:
         summary, records = load_report(folder)
     except FileNotFoundError as error:
-        area.message.value = f'<span style="color:#b00020" class="labkit-error">{error}</span>'
+        area.message.value = error_html(str(error))
         explorer = widgets.VBox([area.box])
         explorer.area = area
         return explorer

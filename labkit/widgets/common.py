@@ -4,6 +4,7 @@ figure otherwise, and how long the last update took (the browser tests and BENCH
 from __future__ import annotations
 
 import time
+from functools import lru_cache
 from typing import Callable
 
 from labkit.core.errors import LabError
@@ -25,35 +26,41 @@ class PlotArea:
         self.last = None  # what the last update showed (a figure, a text, None): tests read it without a front end
 
     def render(self, draw: Callable[[], object]) -> bool:
-        """Clear, call `draw` (it returns a matplotlib figure, or a string to print), show it; True when it drew.
-        A `USER_ERRORS` exception becomes a red one-line message in the widget."""
+        """Call `draw` (it returns a matplotlib figure or its Axes, or a string to print) and show what it returns
+        in place of the last one; True when it drew. A `USER_ERRORS` exception becomes a red one-line message in
+        the widget. Works from any thread (the story studio draws from its writer thread): outputs are set on the
+        widget, never captured with `with output:`, which only works in the kernel's main thread."""
+        import io
+
         import matplotlib.pyplot as plt
-        from IPython.display import display
+        from IPython.display import Image
         from matplotlib.figure import Figure
 
         start = time.perf_counter()
-        self.output.clear_output(wait=True)
         self.message.value = ""
-        with self.output:
-            try:
-                result = draw()
-            except USER_ERRORS as error:
-                self.message.value = f'<span style="color:#b00020" class="labkit-error">{_escape(str(error))}</span>'
-                result = None
-            if isinstance(result, str):
-                print(result)
-            elif result is not None:
-                result = result if isinstance(result, Figure) else result.figure  # a plot may return its Axes
-                figure = result
-                display(figure)
-                plt.close(figure)
+        try:
+            result = draw()
+        except USER_ERRORS as error:
+            self.message.value = error_html(str(error))
+            result = None
+        self.output.outputs = ()
+        if isinstance(result, str):
+            self.output.append_stdout(result + "\n")
+        elif result is not None:
+            result = result if isinstance(result, Figure) else result.figure  # a plot may return its Axes
+            buffer = io.BytesIO()
+            result.savefig(buffer, format="png", dpi=80, bbox_inches="tight")
+            plt.close(result)
+            self.output.append_display_data(Image(data=buffer.getvalue(), format="png"))
         self.seconds.value = round(time.perf_counter() - start, 3)
         self.last = result
         return result is not None
 
 
-def _escape(text: str) -> str:
-    return text.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
+def error_html(text: str) -> str:
+    """A one-line message for an `ipywidgets.HTML`, red, with the class the browser tests look for."""
+    escaped = text.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
+    return f'<span style="color:#b00020" class="labkit-error">{escaped}</span>'
 
 
 def parse_int(text: str, name: str, low: int | None = None, high: int | None = None) -> int:
@@ -65,3 +72,13 @@ def parse_int(text: str, name: str, low: int | None = None, high: int | None = N
     if (low is not None and value < low) or (high is not None and value > high):
         raise ValueError(f"{name}: must be between {low} and {high} (got {value})")
     return value
+
+
+@lru_cache(maxsize=2)
+def reference_inputs(preset: str = "tiny"):
+    """The reference MLLM, judges and test split (`story_ablation.CellInputs`), loaded once per process: every
+    explorer that needs the trained model shares them."""
+    from labkit.core.presets import get_preset
+    from labkit.experiments.story_ablation import load_inputs
+
+    return load_inputs(get_preset(preset), progress=False)

@@ -87,13 +87,13 @@ def timings():
 class Page:
     """One explorer's page, with its console errors collected."""
 
-    def __init__(self, browser, address: str, notebook: str):
+    def __init__(self, browser, address: str, notebook: str, ready: str = ".widget-output img"):
         self.page = browser.new_page(viewport={"width": 1300, "height": 1100})
         self.errors: list[str] = []
         self.page.on("console", lambda message: self.errors.append(message.text) if message.type == "error" else None)
         self.page.on("pageerror", lambda error: self.errors.append(str(error)))
         self.page.goto(f"{address}/voila/render/{notebook}", timeout=PAGE_SECONDS * 1000)
-        self.page.wait_for_selector(".widget-output img", timeout=PAGE_SECONDS * 1000)
+        self.page.wait_for_selector(ready, timeout=PAGE_SECONDS * 1000)
 
     def plot(self) -> str:
         return self.page.locator(".widget-output img").first.get_attribute("src")
@@ -141,14 +141,19 @@ def _explore(browser, server: str, timings: dict, name: str, move) -> Page:
     return page
 
 
+def _refuses_seed(page: Page, text: str) -> None:
+    """Type `text` in the explorer's seed box: the widget names the control, the console stays clean."""
+    seed = page.page.locator(".widget-text input[type=text]").first
+    seed.fill(text)
+    seed.press("Enter")
+    assert f"seed: '{text}' is not a whole number" in page.error_message()
+    assert not page.errors
+
+
 def test_rope_clock_moves_with_the_shift_and_refuses_a_bad_seed(server, browser, timings):
     # the sliders in order: key position, query distance, shift, RoPE pair; press on the shift's handle
     page = _explore(browser, server, timings, "rope_clock", lambda p: _press(p, ".noUi-handle", "ArrowRight", 2))
-    seed = page.page.locator(".widget-text input").first
-    seed.fill("abc")
-    seed.press("Enter")
-    assert "seed: 'abc' is not a whole number" in page.error_message()
-    assert not page.errors
+    _refuses_seed(page, "abc")
 
 
 def test_kv_cache_explorer_evicts_as_the_segment_moves(server, browser, timings):
@@ -167,10 +172,45 @@ def test_ablation_browser_switches_metric_and_table(server, browser, timings):
     page.no_errors()
 
 
+def test_attention_explorer_changes_with_the_layer(server, browser, timings):
+    # the first slider is the layer (the query range has two handles after it)
+    _explore(browser, server, timings, "attention", lambda p: _press(p, ".noUi-handle", "ArrowRight", 0))
+
+
+def test_detokenizer_playground_redraws_with_the_guidance_and_refuses_a_bad_seed(server, browser, timings):
+    # sliders: mix, guidance, steps
+    page = _explore(
+        browser, server, timings, "detokenizer_playground", lambda p: _press(p, ".noUi-handle", "ArrowRight", 1)
+    )
+    _refuses_seed(page, "seven")
+
+
+def test_story_studio_streams_segments_stops_and_refuses_an_empty_opening(server, browser, timings):
+    page = Page(browser, server, "story_studio.ipynb", ready="button:has-text('Write')")
+    page.no_errors()
+    start = time.perf_counter()
+    page.page.locator("button:has-text('Write')").click()
+    page.page.wait_for_selector("img.widget-image", timeout=60_000)  # the first segment, while the rest is written
+    timings["story_studio_first_segment"] = time.perf_counter() - start
+    page.page.wait_for_function("document.querySelectorAll('img.widget-image').length >= 4", timeout=60_000)
+    page.page.locator("button:has-text('Stop')").click()
+    page.page.wait_for_selector("text=stopped", timeout=60_000)
+    shown = page.page.locator("img.widget-image").count()
+    assert 4 <= shown < 25  # it stopped before the 25th segment
+    page.page.wait_for_selector(".widget-output img", timeout=120_000)  # the teacher-forced curves
+    page.no_errors()
+    page.screenshot("story_studio")
+    page.page.locator("textarea").fill("")
+    page.page.locator("button:has-text('Write')").click()
+    assert "opening: write a first caption" in page.error_message()
+    assert not page.errors
+
+
 def test_the_app_index_lists_every_explorer(server, browser):
     page = browser.new_page()
     page.goto(server)
     page.wait_for_selector("text=rope_clock.ipynb", timeout=60_000)
     listed = page.inner_text("body")
-    assert all(f"{name}.ipynb" in listed for name in ("rope_clock", "kv_cache", "ablation_browser"))
+    explorers = ("story_studio", "kv_cache", "attention", "rope_clock", "detokenizer_playground", "ablation_browser")
+    assert all(f"{name}.ipynb" in listed for name in explorers)
     page.close()

@@ -88,3 +88,34 @@ def test_batches_refuse_what_they_cannot_do(inputs):
         ragged.get_mask_sizes(1)
     with pytest.raises(ValueError, match="one id list per row"):
         ragged.inputs([0, 1], [[1]], "cpu")
+
+
+@pytest.mark.parametrize("policy", ["mm-sink", "recompute-window"])
+def test_on_segment_streams_every_segment_and_stop_generation_ends_the_stories_there(inputs, policy):
+    from labkit.inference.generate import StopGeneration
+
+    seen = []
+
+    def hook(runs):
+        seen.append([len(run.captions) for run in runs])
+        if len(runs[0].captions) == 3:
+            raise StopGeneration
+
+    runs = generate_stories(
+        inputs.model,
+        inputs.tokenizer,
+        _openings(inputs),
+        SEGMENTS,
+        policy,
+        SMALL[policy],
+        recompute_segments=2,
+        on_segment=hook,
+    )
+    assert seen == [[1, 1], [2, 2], [3, 3]]  # the opening, then each segment as it is written
+    full = generate_stories(
+        inputs.model, inputs.tokenizer, _openings(inputs), SEGMENTS, policy, SMALL[policy], recompute_segments=2
+    )
+    for stopped, whole in zip(runs, full):
+        assert len(stopped.captions) == len(stopped.steps) == 3
+        assert stopped.captions == whole.captions[:3]  # what was written before the stop is what a full run writes
+        assert stopped.token_ids and whole.token_ids[: len(stopped.token_ids)] == stopped.token_ids

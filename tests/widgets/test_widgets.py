@@ -114,3 +114,73 @@ def test_ablation_browser_reads_the_committed_report_and_says_when_there_is_none
     assert browser.area.last.axes[0].get_xlabel() == "caption_nll_beyond"
     table.value = "stress"
     assert browser.area.last.axes[0].get_title().startswith("stress")
+
+
+@pytest.fixture(scope="module")
+def attention():
+    from labkit.widgets.attention import _reference, story_attention
+
+    model, tokenizer, frames, features, window = _reference("tiny")
+    return story_attention(model, tokenizer, frames.captions[0][:12], features[0, :12]), window, model, tokenizer
+
+
+def test_attention_shares_add_up_and_the_window_overlay_holds_the_last_window(attention):
+    from labkit.inference.generate import layout_cache_params
+    from labkit.widgets.attention import attention_shares, held_positions
+
+    story, window, model, tokenizer = attention
+    shares = attention_shares(story, layer=0, head=None, first=10, last=11, window=window)
+    assert sum(shares.values()) == pytest.approx(1.0, abs=1e-4)  # every query's attention is spread over its keys
+    assert shares["BOS"] > 0
+    start = int(np.flatnonzero(story.segment_of == 11)[0])  # where segment 12 (0-based 11) starts
+    held = held_positions(story, "window", {"window": 100}, upto=11)
+    assert np.flatnonzero(held).tolist() == list(range(start - 100, start))
+    params = layout_cache_params("mm-sink", {"sink": 4, "window": 100, "cap": 200}, model, tokenizer)
+    kept = held_positions(story, "mm-sink", params, upto=11)
+    assert kept[:4].all() and kept.sum() <= 200 and kept[start - 100 : start].all()  # sink, window, under the cap
+
+
+def test_detokenizer_playground_redraws_and_refuses_a_bad_seed():
+    from labkit.widgets import detokenizer_playground
+
+    playground = detokenizer_playground()
+    first = playground.area.last
+    assert [a.get_title() for a in first.axes][1] == "from its true features"
+    guidance = playground.children[2].children[0]
+    guidance.value = 5.0
+    assert playground.area.last is not first
+    playground.children[2].children[2].value = "1.5"
+    assert "seed: '1.5' is not a whole number" in playground.area.message.value
+
+
+def test_story_studio_checks_its_settings():
+    from labkit.widgets.story_studio import check_settings
+
+    with pytest.raises(ValueError, match="opening: write a first caption"):
+        check_settings("  ", "mm-sink", 100, 4, 25, 800)
+    with pytest.raises(ValueError, match="window: 900 tokens hold the whole 25-segment story"):
+        check_settings("A fox.", "sink", 900, 4, 25, 800)
+    with pytest.raises(ValueError, match="segments: must be between 2 and 100"):
+        check_settings("A fox.", "dense", 100, 4, 101, 800)
+    check_settings("A fox.", "dense", 900, 4, 25, 800)  # dense holds everything: no window to check
+
+
+def test_story_studio_writes_segment_by_segment_stops_and_scores_the_ground_truth():
+    from labkit.widgets import story_studio
+
+    studio = story_studio().studio
+    studio.controls["segments"].value = 12
+    studio.controls["compare"].value = "window"
+    studio.start(blocking=True)
+    assert studio.status.value == "done"
+    strips = studio.rows.children[1::2]
+    assert [len(strip.children) for strip in strips] == [12, 12]  # one card per segment, for both policies
+    assert studio.scores.last is not None  # the ground-truth story, teacher-forced under both policies
+    studio.controls["segments"].value = 40
+    studio.start()
+    studio.stop()
+    studio.thread.join()
+    assert studio.status.value == "stopped" and len(studio.rows.children[1].children) < 40
+    studio.controls["opening"].value = ""
+    studio.start()
+    assert "opening: write a first caption" in studio.status.value
