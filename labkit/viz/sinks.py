@@ -1,6 +1,6 @@
-"""Plots and widgets of the attention-sink notebook: KV occupancy, the RoPE clock, long-context curves,
-attention by key type. They read the `labkit trace-cache` JSON and the evaluation dictionaries, so the
-CLI, the notebook and the report show the same data."""
+"""Plots of the attention-sink notebook: KV occupancy, the RoPE clock, long-context curves, attention by key
+type (the interactive explorers built on them live in `labkit.widgets`). They read the `labkit trace-cache` JSON
+and the evaluation dictionaries, so the CLI, the notebook, the explorers and the report show the same data."""
 
 from __future__ import annotations
 
@@ -11,7 +11,6 @@ from typing import Sequence
 import numpy as np
 
 from labkit.experiments.cache_trace import policy_params, trace_cache
-from labkit.inference.generate import STRATEGIES
 from labkit.viz.plots import TOKEN_COLOURS
 
 
@@ -184,29 +183,3 @@ def cached_trace(policy: str, segments: int, window: int, sink: int, cap: int, c
     """Random-model traces for the KV-occupancy widget, computed once per setting."""
     params = policy_params(policy, window=window, sink=sink, cap=cap)
     return trace_cache(policy, segments, params=params, caption_tokens=caption_tokens)
-
-
-def occupancy_widget(segments: int = 25):
-    """The KV-occupancy explorer: policy, window, sink, cap and a segment slider (ipywidgets)."""
-    import ipywidgets as widgets
-    import matplotlib.pyplot as plt
-
-    def show(policy: str, window: int, sink: int, cap: int, segment: int) -> None:
-        if policy in ("sink", "mm-sink", "mm-sink-stale") and window < sink:
-            print("the window must be at least the sink size")
-            return
-        trace = cached_trace(policy, segments, window, sink, max(cap, sink + window))
-        plot_occupancy(trace, segment)
-        plt.show()
-
-    return widgets.interactive(
-        show,
-        policy=widgets.Dropdown(
-            options=list(STRATEGIES),
-            value="mm-sink",
-        ),
-        window=widgets.IntSlider(value=128, min=16, max=512, step=16),
-        sink=widgets.IntSlider(value=4, min=1, max=16),
-        cap=widgets.IntSlider(value=256, min=32, max=1024, step=32),
-        segment=widgets.IntSlider(value=segments - 1, min=0, max=segments - 1),
-    )

@@ -1,11 +1,14 @@
 """The attention explorer: where the trained MLLM's attention goes over a long story (paper §3.2, Fig. 4).
 
 One teacher-forced pass over a test story (`labkit.inference.attention.attention_maps`, eager attention) gives
-every layer's attention; the controls only re-aggregate it, so they answer at once. For the query segments
-picked, the plot shows their attention over the story's key positions (binned: thousands of tokens stay
-readable), the key types under it (BOS, image boundaries, image slots, text, punctuation) and what a KV policy
-would still hold when the last picked segment starts; the bars give the share of attention that goes to BOS, to
-the image boundaries mm-sink keeps, to punctuation, to the recent window, and to everything else.
+every layer's attention, for one of three models: the MLLM on the story with its images; the MLLM's language model
+on the captions alone, as plain text after `<s>`; the language model pre-trained before stage 2 (`labkit train
+lm`, where the lab's sink study grows the BOS sink: `labkit.experiments.sink_emergence`) on the same text. The
+controls only re-aggregate it, so they answer at once. For the query segments picked, the plot shows their
+attention over the story's key positions (binned: thousands of tokens stay readable), the key types under it (BOS,
+image boundaries, image slots, text, punctuation) and what a KV policy would still hold when the last picked
+segment starts; the bars give the share of attention that goes to BOS, to the image boundaries mm-sink keeps, to
+punctuation, to the recent window, and to everything else.
 """
 
 from __future__ import annotations
@@ -18,7 +21,8 @@ import torch
 
 from labkit.caches import make_policy
 from labkit.data.layout import build_layout
-from labkit.inference.attention import attention_maps, key_types
+from labkit.data.lm_corpus import story_documents
+from labkit.inference.attention import attention_maps, attention_maps_plain, key_types
 from labkit.inference.generate import layout_cache_params
 from labkit.models.mllm import collate
 from labkit.viz.plots import TOKEN_COLOURS
@@ -28,6 +32,11 @@ BOUNDARY = ("boi", "image_head", "image_tail", "eoi", "after_eoi")  # what the m
 TYPE_COLOURS = {**TOKEN_COLOURS, "image_head": "#e6a23c", "image_tail": "#e6a23c", "after_eoi": "#937860"}
 TYPE_COLOURS.update(punct="#55a868", inst="#4c72b0", pad="#ffffff")
 OVERLAYS = ("none", "window", "sink", "mm-sink", "mm-sink-as-coded")
+SOURCES = {
+    "mllm": "MLLM: the story with its images",
+    "mllm_text": "MLLM's language model: captions only",
+    "lm": "pre-trained LM (before stage 2): captions only",
+}
 BIN = 4  # key positions per column of the map
 
 
@@ -51,6 +60,16 @@ def story_attention(model, tokenizer, captions: list[str], features: torch.Tenso
     ids = batch.input_ids[0].tolist()
     ends = np.cumsum([token == tokenizer.eoi_id for token in ids])  # a segment ends with its `</img>`
     segment_of = np.minimum(np.concatenate([[0], ends[:-1]]), len(captions) - 1)
+    return StoryAttention(maps, key_types(ids, tokenizer), segment_of, ids, len(captions))
+
+
+def plain_story_attention(llm, tokenizer, captions: list[str]) -> StoryAttention:
+    """A language model's attention on a story's captions as plain text after `<s>` (the pre-training layout,
+    `labkit.data.lm_corpus.story_documents`: `[INST]` between captions)."""
+    ids = story_documents(tokenizer, [captions])[0]
+    lengths = [len(tokenizer.encode(text)) + (1 if k else 0) for k, text in enumerate(captions)]
+    segment_of = np.concatenate([[0], np.repeat(np.arange(len(captions)), lengths)])
+    maps = [layer[0] for layer in attention_maps_plain(llm, torch.tensor([ids]))]
     return StoryAttention(maps, key_types(ids, tokenizer), segment_of, ids, len(captions))
 
 
@@ -152,6 +171,7 @@ def attention_explorer(preset: str = "tiny", segments: int = 25):
     model, tokenizer, frames, features, window = _reference(preset)
     heads, layers = model.causal_lm.config.num_attention_heads, model.causal_lm.config.num_hidden_layers
     controls = {
+        "model": widgets.Dropdown(options=[(v, k) for k, v in SOURCES.items()], description="model"),
         "story": widgets.BoundedIntText(value=0, min=0, max=frames.stories - 1, description="test story"),
         "layer": widgets.IntSlider(value=0, min=0, max=layers - 1, description="layer"),
         "head": widgets.Dropdown(options=[("mean", None)] + [(str(h), h) for h in range(heads)], description="head"),
@@ -160,15 +180,27 @@ def attention_explorer(preset: str = "tiny", segments: int = 25):
     }
     area = PlotArea()
 
+    @lru_cache(maxsize=1)
+    def pretrained_lm():
+        from labkit.core.artifacts import require
+        from labkit.core.presets import get_preset
+        from labkit.training.lm import NAME, load_lm
+
+        return load_lm(require(NAME, preset), get_preset(preset))[0]
+
     @lru_cache(maxsize=8)
-    def story(index: int) -> StoryAttention:
-        return story_attention(model, tokenizer, frames.captions[index][:segments], features[index, :segments])
+    def story(source: str, index: int) -> StoryAttention:
+        captions = frames.captions[index][:segments]
+        if source == "mllm":
+            return story_attention(model, tokenizer, captions, features[index, :segments])
+        llm = model.causal_lm if source == "mllm_text" else pretrained_lm()
+        return plain_story_attention(llm, tokenizer, captions)
 
     def draw():
         index = controls["story"].value
         if not 0 <= index < frames.stories:
             raise ValueError(f"test story: must be in 0..{frames.stories - 1} (got {index})")
-        attention = story(index)
+        attention = story(controls["model"].value, index)
         first, last = (s - 1 for s in controls["segments"].value)
         policy = controls["overlay"].value
         params = {"sink": 4, "window": window, "cap": 384} if policy != "window" else {"window": window}
@@ -181,6 +213,6 @@ def attention_explorer(preset: str = "tiny", segments: int = 25):
         control.observe(lambda change: area.render(draw), names="value")
     area.render(draw)
     rows = list(controls.values())
-    explorer = widgets.VBox([widgets.HBox(rows[:3]), widgets.HBox(rows[3:]), area.box])
+    explorer = widgets.VBox([widgets.HBox(rows[:2]), widgets.HBox(rows[2:4]), widgets.HBox(rows[4:]), area.box])
     explorer.area = area
     return explorer

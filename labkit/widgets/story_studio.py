@@ -46,13 +46,13 @@ def cache_params(policy: str, window: int, sink: int) -> dict:
 class StoryStudio:
     """The studio's controls, its streaming writer thread and its views."""
 
-    def __init__(self, preset: str = "tiny"):
+    def __init__(self, preset: str = "tiny", inputs=None):
         import ipywidgets as widgets
 
         from labkit.core.presets import get_preset
         from labkit.experiments.story_ablation import load_detokenizer
 
-        self.config, self.inputs = get_preset(preset), reference_inputs(preset)
+        self.config, self.inputs = get_preset(preset), inputs or reference_inputs(preset)
         self.detokenizer = load_detokenizer("full", self.config)
         frames = self.inputs.frames
         stories = [(f"{k}: {frames.captions[k][0][:50]}…", k) for k in range(frames.stories)]
@@ -221,6 +221,7 @@ class StoryStudio:
         return figure
 
 
-def story_studio(preset: str = "tiny"):
-    """The studio's widget (its `StoryStudio` is `widget.studio`)."""
-    return StoryStudio(preset).widget
+def story_studio(preset: str = "tiny", inputs=None):
+    """The studio's widget (its `StoryStudio` is `widget.studio`). `inputs`: a `story_ablation.CellInputs` already
+    loaded (a notebook's), else the reference model and the preset's test split."""
+    return StoryStudio(preset, inputs).widget

@@ -1,4 +1,5 @@
-"""The demo app in a real browser (issue 14): `make demo`'s Voilà server, driven by headless Chromium.
+"""The explorers in a real browser (issue 14): `make demo`'s Voilà app and a JupyterLab server, driven by headless
+Chromium.
 
 For every explorer: the page renders its plot, moving a control changes the plot, no error message and no browser
 console error appears; bad input shows the widget's one-line message. Screenshots go to `reports/screenshots/`
@@ -37,6 +38,20 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def _wait_for(address: str, process: subprocess.Popen, seconds: float = 90) -> None:
+    """Wait until a server started by `process` answers at `address`; fail (and stop it) if it never does."""
+    deadline = time.time() + seconds
+    while True:
+        try:
+            urllib.request.urlopen(address, timeout=2)
+            return
+        except OSError:
+            if process.poll() is not None or time.time() > deadline:
+                process.kill()
+                pytest.fail(f"{process.args[2]} did not start on {address} (exit code {process.poll()})")
+            time.sleep(0.5)
+
+
 @pytest.fixture(scope="module")
 def server():
     """`voila demo/` as `make demo` starts it, on a free port; its address."""
@@ -46,16 +61,7 @@ def server():
     command.append("--Voila.ip=127.0.0.1")
     process = subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
     address = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 60
-    while True:
-        try:
-            urllib.request.urlopen(address, timeout=2)
-            break
-        except OSError:
-            if process.poll() is not None or time.time() > deadline:
-                process.kill()
-                pytest.fail(f"voila did not start on {address} (exit code {process.poll()})")
-            time.sleep(0.5)
+    _wait_for(address, process)
     yield address
     process.terminate()
     process.wait(timeout=20)
@@ -214,3 +220,46 @@ def test_the_app_index_lists_every_explorer(server, browser):
     explorers = ("story_studio", "kv_cache", "attention", "rope_clock", "detokenizer_playground", "ablation_browser")
     assert all(f"{name}.ipynb" in listed for name in explorers)
     page.close()
+
+
+def test_an_explorer_in_jupyterlab(browser, tmp_path, timings):
+    """`make lab`'s JupyterLab on a copy of the demo notebooks (a run must not write outputs into the repo): run the
+    RoPE clock's cell, move the shift, see the plot change, with no console error."""
+    shutil.copy(ROOT / "demo" / "rope_clock.ipynb", tmp_path / "rope_clock.ipynb")
+    port = _free_port()
+    command = [sys.executable, "-m", "jupyterlab", "--allow-root", "--no-browser", f"--port={port}"]
+    command += ["--ServerApp.ip=127.0.0.1", "--IdentityProvider.token=", "--ServerApp.password="]
+    command += ["--LabApp.news_url=None", "--LabApp.extension_manager=readonly", f"--ServerApp.root_dir={tmp_path}"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    process = subprocess.Popen(command, cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
+    try:
+        address = f"http://127.0.0.1:{port}"
+        _wait_for(address, process)
+        page = browser.new_page(viewport={"width": 1400, "height": 1000})
+        errors: list[str] = []
+        page.on("console", lambda message: errors.append(message.text) if message.type == "error" else None)
+        page.on("pageerror", lambda error: errors.append(str(error)))
+        page.goto(f"{address}/lab/tree/rope_clock.ipynb", timeout=PAGE_SECONDS * 1000)
+        page.wait_for_selector(".jp-Notebook .jp-Cell >> nth=1", timeout=PAGE_SECONDS * 1000)
+        page.click(".jp-Notebook .jp-Cell >> nth=1")  # the code cell (it runs once the kernel is up)
+        page.keyboard.press("Shift+Enter")
+        page.wait_for_selector(".widget-output img", timeout=PAGE_SECONDS * 1000)
+        before = page.locator(".widget-output img").first.get_attribute("src")
+        start = time.perf_counter()
+        handle = page.locator(".noUi-handle").nth(2)
+        handle.focus()
+        handle.press("ArrowRight")
+        page.wait_for_function(
+            "before => { const img = document.querySelector('.widget-output img'); return img && img.src !== before; }",
+            arg=before,
+            timeout=60_000,
+        )
+        timings["jupyterlab_rope_clock"] = time.perf_counter() - start
+        assert page.locator(".labkit-error").count() == 0
+        assert not errors, f"browser console errors: {errors}"
+        SHOTS.mkdir(parents=True, exist_ok=True)
+        page.screenshot(path=str(SHOTS / "jupyterlab_rope_clock.png"))
+        page.close()
+    finally:
+        process.terminate()
+        process.wait(timeout=30)

@@ -184,3 +184,15 @@ def test_story_studio_writes_segment_by_segment_stops_and_scores_the_ground_trut
     studio.controls["opening"].value = ""
     studio.start()
     assert "opening: write a first caption" in studio.status.value
+
+
+def test_attention_on_captions_alone_has_a_bos_sink_in_layer_0(attention):
+    from labkit.widgets.attention import _reference, attention_shares, plain_story_attention
+
+    _, window, model, tokenizer = attention
+    frames = _reference("tiny")[2]
+    story = plain_story_attention(model.causal_lm, tokenizer, frames.captions[0][:12])
+    assert story.types[0] == "bos" and story.segment_of[-1] == 11 and len(story.segment_of) == len(story.types)
+    shares = attention_shares(story, layer=0, head=None, first=6, last=11, window=window)
+    uniform = 1 / (len(story.types) / 2)  # about what BOS would get from a query halfway through, spread evenly
+    assert shares["BOS"] > 5 * uniform  # the committed MLLM keeps a BOS sink in layer 0 (reports/tiny/sink_check)
