@@ -9,7 +9,20 @@ from pathlib import Path
 import pytest
 
 LABKIT = Path(__file__).resolve().parents[1] / "labkit"
-LAYERS = ("core", "data", "models", "caches", "inference", "metrics", "training", "experiments", "report", "viz", "cli")
+LAYERS = (
+    "core",
+    "data",
+    "models",
+    "caches",
+    "inference",
+    "metrics",
+    "training",
+    "experiments",
+    "report",
+    "viz",
+    "widgets",
+    "cli",
+)
 # Only the command line imports lazily: `labkit --help` and a user mistake answer in a second, not after the
 # ten seconds that torch + transformers + diffusers take to import.
 LAZY_ALLOWED = {"cli"}

@@ -20,11 +20,16 @@ import numpy as np
 import torch
 
 from labkit.caches import make_policy
+from labkit.core.artifacts import require
+from labkit.core.presets import get_preset
 from labkit.data.layout import build_layout
 from labkit.data.lm_corpus import story_documents
+from labkit.experiments.story_ablation import training_window_tokens
 from labkit.inference.attention import attention_maps, attention_maps_plain, key_types
 from labkit.inference.generate import layout_cache_params
 from labkit.models.mllm import collate
+from labkit.training.lm import NAME as LM
+from labkit.training.lm import load_lm
 from labkit.viz.plots import TOKEN_COLOURS
 from labkit.widgets.common import PlotArea, reference_inputs
 
@@ -155,9 +160,6 @@ def plot_attention(story: StoryAttention, layer: int, head: int | None, first: i
 
 def _reference(preset: str):
     """The model, tokenizer, test frames and features, and the training length in tokens (the recent window)."""
-    from labkit.core.presets import get_preset
-    from labkit.experiments.story_ablation import training_window_tokens
-
     inputs = reference_inputs(preset)
     chunk = get_preset(preset).data.chunk_length
     window = training_window_tokens(inputs.tokenizer, inputs.frames.captions, chunk, inputs.model.num_queries)
@@ -182,11 +184,7 @@ def attention_explorer(preset: str = "tiny", segments: int = 25):
 
     @lru_cache(maxsize=1)
     def pretrained_lm():
-        from labkit.core.artifacts import require
-        from labkit.core.presets import get_preset
-        from labkit.training.lm import NAME, load_lm
-
-        return load_lm(require(NAME, preset), get_preset(preset))[0]
+        return load_lm(require(LM, preset), get_preset(preset))[0]
 
     @lru_cache(maxsize=8)
     def story(source: str, index: int) -> StoryAttention:

@@ -8,6 +8,8 @@ from functools import lru_cache
 from typing import Callable
 
 from labkit.core.errors import LabError
+from labkit.core.presets import get_preset
+from labkit.experiments.story_ablation import load_inputs
 
 # Mistakes a user can make with a control: shown as one line in the widget. Anything else is a bug and raises.
 USER_ERRORS = (LabError, ValueError, FileNotFoundError)
@@ -78,7 +80,4 @@ def parse_int(text: str, name: str, low: int | None = None, high: int | None = N
 def reference_inputs(preset: str = "tiny"):
     """The reference MLLM, judges and test split (`story_ablation.CellInputs`), loaded once per process: every
     explorer that needs the trained model shares them."""
-    from labkit.core.presets import get_preset
-    from labkit.experiments.story_ablation import load_inputs
-
     return load_inputs(get_preset(preset), progress=False)

@@ -12,7 +12,10 @@ from functools import lru_cache
 
 import torch
 
+from labkit.core.presets import get_preset
 from labkit.data.frames import CHARACTER_NAMES
+from labkit.experiments.story_ablation import load_detokenizer
+from labkit.training.stage3 import compute_regressed
 from labkit.widgets.common import PlotArea, parse_int, reference_inputs
 
 ADAPTATIONS = {"off": "stage 1", "official": "stage 3, official mode", "full": "stage 3, full fine-tune"}
@@ -41,10 +44,6 @@ def plot_playground(images: torch.Tensor, titles: list[str], verdicts: list[str]
 def detokenizer_playground(preset: str = "tiny"):
     """Adaptation, story, frame, the second character's story, the mix, guidance, steps and seed."""
     import ipywidgets as widgets
-
-    from labkit.core.presets import get_preset
-    from labkit.experiments.story_ablation import load_detokenizer
-    from labkit.training.stage3 import compute_regressed
 
     config, inputs = get_preset(preset), reference_inputs(preset)
     model, tokenizer, frames, features, judges = (

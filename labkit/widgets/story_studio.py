@@ -11,7 +11,11 @@ from __future__ import annotations
 
 import threading
 
+from labkit.core.presets import get_preset
+from labkit.data.layout import build_layout
+from labkit.experiments.story_ablation import load_detokenizer
 from labkit.inference.generate import STRATEGIES, StopGeneration, generate_stories, layout_cache_params
+from labkit.inference.long_context import score_story
 from labkit.widgets.common import USER_ERRORS, PlotArea, error_html, parse_int, reference_inputs
 
 MAX_SEGMENTS = 100
@@ -48,9 +52,6 @@ class StoryStudio:
 
     def __init__(self, preset: str = "tiny", inputs=None):
         import ipywidgets as widgets
-
-        from labkit.core.presets import get_preset
-        from labkit.experiments.story_ablation import load_detokenizer
 
         self.config, self.inputs = get_preset(preset), inputs or reference_inputs(preset)
         self.detokenizer = load_detokenizer("full", self.config)
@@ -98,8 +99,6 @@ class StoryStudio:
 
     def settings(self) -> dict:
         """The controls' values, checked (ValueError naming the control)."""
-        from labkit.data.layout import build_layout
-
         v = {name: control.value for name, control in self.controls.items()}
         v["seed"] = parse_int(v["seed"], "seed", 0, 2**31 - 1)
         story = self.inputs.frames.captions[v["story"]]
@@ -197,8 +196,6 @@ class StoryStudio:
 
     def _teacher_forced(self, v: dict, policies: list[str]):
         import matplotlib.pyplot as plt
-
-        from labkit.inference.long_context import score_story
 
         frames, features = self.inputs.frames, self.inputs.features
         segments = min(v["segments"], frames.frames)
