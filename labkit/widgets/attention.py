@@ -24,6 +24,7 @@ from labkit.core.artifacts import require
 from labkit.core.presets import get_preset
 from labkit.data.layout import build_layout
 from labkit.data.lm_corpus import story_documents
+from labkit.experiments.cache_trace import policy_params
 from labkit.experiments.story_ablation import training_window_tokens
 from labkit.inference.attention import attention_maps, attention_maps_plain, key_types
 from labkit.inference.generate import layout_cache_params
@@ -31,7 +32,7 @@ from labkit.models.mllm import collate
 from labkit.training.lm import NAME as LM
 from labkit.training.lm import load_lm
 from labkit.viz.plots import TOKEN_COLOURS
-from labkit.widgets.common import PlotArea, reference_inputs
+from labkit.widgets.common import PlotArea, explorer, reference_inputs
 
 BOUNDARY = ("boi", "image_head", "image_tail", "eoi", "after_eoi")  # what the multimodal sink keeps around images
 TYPE_COLOURS = {**TOKEN_COLOURS, "image_head": "#e6a23c", "image_tail": "#e6a23c", "after_eoi": "#937860"}
@@ -201,16 +202,8 @@ def attention_explorer(preset: str = "tiny", segments: int = 25):
         attention = story(controls["model"].value, index)
         first, last = (s - 1 for s in controls["segments"].value)
         policy = controls["overlay"].value
-        params = {"sink": 4, "window": window, "cap": 384} if policy != "window" else {"window": window}
-        if policy == "mm-sink-as-coded":
-            params = {"window_images": 8}
+        params = {} if policy == "none" else policy_params(policy, window=window, sink=4, cap=384)
         held = held_positions(attention, policy, layout_cache_params(policy, params, model, tokenizer), last)
         return plot_attention(attention, controls["layer"].value, controls["head"].value, first, last, held, window)
 
-    for control in controls.values():
-        control.observe(lambda change: area.render(draw), names="value")
-    area.render(draw)
-    rows = list(controls.values())
-    explorer = widgets.VBox([widgets.HBox(rows[:2]), widgets.HBox(rows[2:4]), widgets.HBox(rows[4:]), area.box])
-    explorer.area = area
-    return explorer
+    return explorer(controls, area, draw, [2, 2, 2])

@@ -59,6 +59,23 @@ class PlotArea:
         return result is not None
 
 
+def explorer(controls: dict, area: PlotArea, draw: Callable[[], object], rows: list[int]):
+    """The usual explorer: every control redraws `area` with `draw`, drawn once now; the controls laid out in
+    rows of the given sizes above the plot area. The returned box carries `area` (tests and notebooks read it)."""
+    import ipywidgets as widgets
+
+    for control in controls.values():
+        control.observe(lambda change: area.render(draw), names="value")
+    area.render(draw)
+    widgets_in_order, boxes, start = list(controls.values()), [], 0
+    for size in rows:
+        boxes.append(widgets.HBox(widgets_in_order[start : start + size]))
+        start += size
+    box = widgets.VBox([*boxes, area.box])
+    box.area = area
+    return box
+
+
 def error_html(text: str) -> str:
     """A one-line message for an `ipywidgets.HTML`, red, with the class the browser tests look for."""
     escaped = text.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")

@@ -16,7 +16,7 @@ from labkit.core.presets import get_preset
 from labkit.data.frames import CHARACTER_NAMES
 from labkit.experiments.story_ablation import load_detokenizer
 from labkit.training.stage3 import compute_regressed
-from labkit.widgets.common import PlotArea, parse_int, reference_inputs
+from labkit.widgets.common import PlotArea, explorer, parse_int, reference_inputs
 
 ADAPTATIONS = {"off": "stage 1", "official": "stage 3, official mode", "full": "stage 3, full fine-tune"}
 
@@ -101,10 +101,4 @@ def detokenizer_playground(preset: str = "tiny"):
         ]
         return plot_playground(images, titles, verdicts)
 
-    for control in controls.values():
-        control.observe(lambda change: area.render(draw), names="value")
-    area.render(draw)
-    rows = list(controls.values())
-    explorer = widgets.VBox([widgets.HBox(rows[:3]), widgets.HBox(rows[3:5]), widgets.HBox(rows[5:]), area.box])
-    explorer.area = area
-    return explorer
+    return explorer(controls, area, draw, [3, 2, 3])

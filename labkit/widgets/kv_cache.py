@@ -7,17 +7,16 @@ as many entries as mm-sink's cap, the report's matched-budget row (`story_ablati
 
 from __future__ import annotations
 
+from labkit.experiments.story_ablation import MATCHED_POLICIES, CellConfig, matched_window
 from labkit.inference.generate import STRATEGIES
 from labkit.viz.sinks import cached_trace, plot_occupancy
-from labkit.widgets.common import PlotArea
-
-MATCHABLE = ("window", "sink")
+from labkit.widgets.common import PlotArea, explorer
 
 
 def occupancy_figure(policy: str, window: int, sink: int, cap: int, segment: int, budget: str, segments: int):
     """The occupancy plot of one setting; ValueError naming the control for settings no cache can hold."""
-    if budget == "matched" and policy in MATCHABLE:
-        window = cap if policy == "window" else cap - sink
+    if budget == "matched" and policy in MATCHED_POLICIES:
+        window = matched_window(CellConfig(policy=policy, sink=sink, cap=cap, budget=budget))
     if policy in ("sink", "mm-sink", "mm-sink-stale") and window < sink:
         raise ValueError(f"window: must be at least the sink size ({sink}), got {window}")
     if not 0 <= segment < segments:
@@ -44,10 +43,4 @@ def kv_cache_explorer(segments: int = 25):
         values = {name: control.value for name, control in controls.items()}
         return occupancy_figure(**values, segments=segments)
 
-    for control in controls.values():
-        control.observe(lambda change: area.render(draw), names="value")
-    area.render(draw)
-    rows = list(controls.values())
-    explorer = widgets.VBox([widgets.HBox(rows[:2]), widgets.HBox(rows[2:4]), widgets.HBox(rows[4:]), area.box])
-    explorer.area = area  # the plot area, for tests and notebooks that read what is shown
-    return explorer
+    return explorer(controls, area, draw, [2, 2, 2])

@@ -19,7 +19,7 @@ import torch
 from labkit.caches.rope import Rotary
 from labkit.core.presets import get_preset
 from labkit.models.mllm import llm_config
-from labkit.widgets.common import PlotArea, parse_int
+from labkit.widgets.common import PlotArea, explorer, parse_int
 
 MAX_POSITION = 1024
 
@@ -115,11 +115,4 @@ def rope_clock_explorer(preset: str = "tiny"):
         values = {name: control.value for name, control in controls.items() if name != "seed"}
         return plot_rope_clock(rotary, query, key, **values)
 
-    for control in controls.values():
-        control.observe(lambda change: area.render(draw), names="value")
-    area.render(draw)
-    explorer = widgets.VBox(
-        [widgets.HBox(list(controls.values())[:2]), widgets.HBox(list(controls.values())[2:]), area.box]
-    )
-    explorer.area = area  # the plot area, for tests and notebooks that read what is shown
-    return explorer
+    return explorer(controls, area, draw, [2, 3])

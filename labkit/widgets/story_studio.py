@@ -13,6 +13,7 @@ import threading
 
 from labkit.core.presets import get_preset
 from labkit.data.layout import build_layout
+from labkit.experiments.cache_trace import policy_params
 from labkit.experiments.story_ablation import load_detokenizer
 from labkit.inference.generate import STRATEGIES, StopGeneration, generate_stories, layout_cache_params
 from labkit.inference.long_context import score_story
@@ -40,11 +41,7 @@ def check_settings(opening: str, policy: str, window: int, sink: int, segments: 
 
 def cache_params(policy: str, window: int, sink: int) -> dict:
     """The sizes the studio gives each policy (mm-sink's cap: the window, the sink and 128 boundary entries)."""
-    return {
-        "window": {"window": window},
-        "sink": {"sink": sink, "window": window},
-        "mm-sink": {"sink": sink, "window": window, "cap": window + sink + 128},
-    }.get(policy, {})
+    return policy_params(policy, window=window, sink=sink, cap=window + sink + 128)
 
 
 class StoryStudio:
