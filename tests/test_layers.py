@@ -21,6 +21,7 @@ LAYERS = (
     "report",
     "viz",
     "widgets",
+    "course",
     "cli",
 )
 # Only the command line imports lazily: `labkit --help` and a user mistake answer in a second, not after the

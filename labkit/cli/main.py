@@ -569,7 +569,41 @@ def build_parser() -> argparse.ArgumentParser:
     )
     report.add_argument("--quiet", action="store_true")
     report.set_defaults(run=_report)
+
+    course = commands.add_parser(
+        "course", help="the course: student notebooks, answer key, exercise and runtime tables"
+    )
+    course_commands = course.add_subparsers(dest="course_command", required=True)
+    course_build = course_commands.add_parser(
+        "build", help="write course/student/*.ipynb and docs/course/{answer_key,exercises,runtimes,README}.md"
+    )
+    course_build.add_argument("--preset", default="tiny", help="the report whose measured runtimes the tables show")
+    course_build.add_argument(
+        "--check", action="store_true", help="write nothing; exit 2 naming every generated file that is out of date"
+    )
+    course_build.set_defaults(run=_course_build)
     return parser
+
+
+def _course_build(args: argparse.Namespace) -> int:
+    from labkit.core.paths import project_root
+    from labkit.course import versions
+
+    files = versions.build(preset=args.preset)
+    root = project_root()
+    if args.check:
+        stale = [p for p, text in files.items() if not p.is_file() or p.read_text(encoding="utf-8") != text]
+        if stale:
+            names = ", ".join(str(p.relative_to(root)) for p in stale)
+            raise LabError(f"out of date (run `labkit course build`): {names}")
+        print(f"course: {len(files)} generated files up to date")
+        return 0
+    changed = versions.write(files)
+    print(
+        f"course: {len(files)} generated files, {len(changed)} rewritten"
+        + "".join(f"\n  {p.relative_to(root)}" for p in changed)
+    )
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
