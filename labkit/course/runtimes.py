@@ -1,20 +1,22 @@
-"""How long each notebook and each of its cells took in the last report, read from the executed notebooks.
+"""How long each notebook and each of its cells took in the last report: read from the report's summary.json.
 
-`labkit report` runs the notebooks with papermill, which stamps every executed notebook with its duration and
-every cell with its own (`metadata.papermill.duration`). Runtime lines and tables are made from those stamps,
-never typed: a notebook's opening cell calls `runtime_line`, the course guide's tables come from `notebook_runtimes`.
+`labkit report` runs the notebooks with papermill, which stamps every notebook and cell with its duration; the report
+keeps each run's seconds and its code cells' seconds in `reports/<preset>/summary.json` (committed, unlike the
+executed notebooks). Runtime lines and tables are made from there, never typed: a notebook's opening cell calls
+`runtime_line`, the course guide's tables come from `measured_runs`.
 """
 
 from __future__ import annotations
 
 import json
 from dataclasses import dataclass
-from pathlib import Path
 
 from labkit.core.paths import project_root
 from labkit.report.grid import notebook_defaults
 
 LIVE_CELL_SECONDS = 2.0  # a cell that takes longer is a "live" cell worth timing in the instructor notes
+# folders of the machine that ran the report, and 08's digest of the cells: not settings a user changes
+MACHINE_PARAMETERS = {"data_dir", "report_dir", "out_dir", "cells"}
 
 
 @dataclass(frozen=True)
@@ -22,65 +24,42 @@ class MeasuredRun:
     """One executed notebook of a report: what ran, with which parameters, how long it took."""
 
     notebook: str  # stem, e.g. "05_attention_sinks"
-    path: Path
+    run: str  # the report's run id
     seconds: float
-    end_time: str
-    parameters: dict
-    defaults_differ: dict  # parameter -> (the report's value, the notebook's default), data paths left out
-    cells: list[tuple[str, float]]  # (first line of each code cell, seconds)
+    defaults_differ: dict  # parameter -> (the report's value, the notebook's default)
+    cells: list  # [cell index in the executed notebook, seconds, its first line that is not an import]
 
 
-def _report_folder(preset: str) -> Path:
-    return project_root() / "reports" / preset
+def _summary(preset: str) -> dict:
+    path = project_root() / "reports" / preset / "summary.json"
+    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
 
 
-def _differences(parameters: dict, defaults: dict) -> dict:
-    # data_dir / report_dir / out_dir name folders of the machine that ran the report: not a setting a user changes
-    skip = {"data_dir", "report_dir", "out_dir", "cells"}
-    return {k: (v, defaults.get(k)) for k, v in parameters.items() if k not in skip and defaults.get(k) != v}
-
-
-def measured_runs(preset: str = "tiny", notebooks: Path | None = None) -> dict[str, MeasuredRun]:
-    """Each notebook's executed run in the last report; for a notebook run several times (07's grid), the run whose
+def measured_runs(preset: str = "tiny") -> dict[str, MeasuredRun]:
+    """Each notebook's run in the last report; for a notebook run several times (07's grid), the run whose
     parameters are closest to the notebook's defaults."""
-    notebooks = notebooks or project_root() / "notebooks"
     runs: dict[str, MeasuredRun] = {}
-    for path in sorted((_report_folder(preset) / "executed").glob("*.ipynb")):
-        data = json.loads(path.read_text(encoding="utf-8"))
-        papermill = data.get("metadata", {}).get("papermill", {})
-        stem = path.stem.split("-", 1)[0]
-        source = notebooks / f"{stem}.ipynb"
-        if "duration" not in papermill or not source.is_file():
+    for entry in _summary(preset).get("runs", []):
+        source = project_root() / "notebooks" / entry["notebook"]
+        if entry.get("status") == "failed" or not source.is_file():
             continue
-        cells = [
-            (
-                "".join(c["source"]).strip().splitlines()[0] if "".join(c["source"]).strip() else "",
-                float(c.get("metadata", {}).get("papermill", {}).get("duration") or 0.0),
-            )
-            for c in data["cells"]
-            if c["cell_type"] == "code"
-        ]
-        run = MeasuredRun(
-            stem,
-            path,
-            float(papermill["duration"]),
-            str(papermill.get("end_time", ""))[:10],
-            dict(papermill.get("parameters", {})),
-            _differences(papermill.get("parameters", {}), notebook_defaults(source)),
-            cells,
-        )
-        if stem not in runs or len(run.defaults_differ) < len(runs[stem].defaults_differ):
-            runs[stem] = run
+        defaults = notebook_defaults(source)
+        differ = {
+            k: (v, defaults.get(k))
+            for k, v in entry["parameters"].items()
+            if k not in MACHINE_PARAMETERS and defaults.get(k) != v
+        }
+        run = MeasuredRun(source.stem, entry["run"], float(entry["seconds"]), differ, entry.get("cell_seconds", []))
+        if source.stem not in runs or len(differ) < len(runs[source.stem].defaults_differ):
+            runs[source.stem] = run
     return runs
 
 
-def _machine(preset: str) -> str:
-    summary = _report_folder(preset) / "summary.json"
-    if not summary.is_file():
-        return "this machine"
-    machine = json.loads(summary.read_text(encoding="utf-8")).get("machine", {})
-    threads = machine.get("notebook_threads")
-    return f"a {machine.get('cores', '?')}-core {machine.get('cpu', 'CPU')}" + (
+def machine(preset: str = "tiny") -> str:
+    """'a 2-core AMD EPYC, 1 thread per notebook': where the last report ran."""
+    info = _summary(preset).get("machine", {})
+    threads = info.get("notebook_threads")
+    return f"a {info.get('cores', '?')}-core {info.get('cpu', 'CPU')}" + (
         f", {threads} thread{'s' if threads != 1 else ''} per notebook" if threads else ""
     )
 
@@ -96,15 +75,14 @@ def runtime_line(notebook: str, preset: str = "tiny") -> str:
     if run is None:
         line = f"Runtime: not measured yet (run `make report`: it times every notebook into reports/{preset}/)."
     else:
-        changed = (
-            "; the report ran it with "
+        how = (
+            " with these default parameters"
+            if not run.defaults_differ
+            else "; the report ran it with "
             + ", ".join(f"{k}={v!r} (default {d!r})" for k, (v, d) in run.defaults_differ.items())
-            if run.defaults_differ
-            else " with these default parameters"
         )
         line = (
-            f"Runtime: {format_seconds(run.seconds)} in the last report (reports/{preset}/, {run.end_time}, on "
-            f"{_machine(preset)}){changed}."
+            f"Runtime: {format_seconds(run.seconds)} in the last report (reports/{preset}/, on {machine(preset)}){how}."
         )
     print(line)
     return line

@@ -103,6 +103,12 @@ def answer_key(notebooks: list[Path]) -> str:
     return "".join(parts)
 
 
+def _escape_outside_code(text: str) -> str:
+    """`<img>` outside backticks is an HTML tag to a markdown renderer: escape it there, leave code spans alone."""
+    parts = text.split("`")
+    return "`".join(p.replace("<", "&lt;").replace(">", "&gt;") if i % 2 == 0 else p for i, p in enumerate(parts))
+
+
 def exercise_catalogue() -> str:
     """Every exercise with its reference and its known mistakes, each with the message the check really gives."""
     parts = [
@@ -119,7 +125,7 @@ def exercise_catalogue() -> str:
         )
         for mistake in exercise.mistakes:
             message = (failure(exercise, mistake.function) or "(not caught)").replace("\n", " ")
-            parts.append(f"- common mistake, *{mistake.description}*: {message}\n")
+            parts.append(_escape_outside_code(f"- common mistake, *{mistake.description}*: {message}\n"))
     return "".join(parts)
 
 
@@ -139,9 +145,11 @@ def runtime_tables(preset: str = "tiny") -> str:
         f"\n## Live cells (over {LIVE_CELL_SECONDS:g} s)\n\n| notebook | cell (first line) | CPU |\n|---|---|---|\n"
     )
     for stem, run in runs.items():
-        for first_line, seconds in run.cells:
+        for index, seconds, first_line in run.cells:
             if seconds > LIVE_CELL_SECONDS:
-                parts.append(f"| {stem} | `{first_line[:70].replace('|', '/')}` | {format_seconds(seconds)} |\n")
+                parts.append(
+                    f"| {stem} | {index}: `{first_line[:70].replace('|', '/')}` | {format_seconds(seconds)} |\n"
+                )
     return "".join(parts)
 
 
@@ -176,9 +184,8 @@ def build(root: Path | None = None, preset: str = "tiny") -> dict[Path, str]:
     root = root or project_root()
     notebooks = sorted((root / "notebooks").glob("[0-9][0-9]_*.ipynb"))
     files: dict[Path, str] = {}
-    for path in notebooks:
-        if solution_cells(path):
-            files[root / "course" / "student" / path.name] = nbformat.writes(student_version(path)) + "\n"
+    for path in notebooks:  # every notebook, so the student folder is the whole course (00 has no solution)
+        files[root / "course" / "student" / path.name] = nbformat.writes(student_version(path)) + "\n"
     docs = root / "docs" / "course"
     files[docs / "answer_key.md"] = answer_key(notebooks)
     files[docs / "exercises.md"] = exercise_catalogue()

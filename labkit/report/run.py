@@ -184,7 +184,24 @@ def _reused(run: GridRun, out: Path) -> dict | None:
     finished = json.loads(stamp.read_text(encoding="utf-8")) if stamp.is_file() and executed.is_file() else {}
     if finished.get("digest") != _run_digest(run, project_root() / "notebooks" / run.notebook):
         return None
-    return {**_result(run), "status": "reused", "seconds": finished["seconds"]}
+    cells = finished.get("cell_seconds") or cell_seconds(executed)
+    return {**_result(run), "status": "reused", "seconds": finished["seconds"], "cell_seconds": cells}
+
+
+def cell_seconds(executed: Path) -> list[list]:
+    """[cell index, seconds, its first line that is not an import] of each code cell of an executed notebook, from
+    papermill's stamps: the course's runtime tables are made from these (summary.json is committed, the executed
+    notebooks are not)."""
+    import nbformat
+
+    timed = []
+    for index, cell in enumerate(nbformat.read(executed, as_version=4).cells):
+        if cell.cell_type == "code":
+            lines = [line.strip() for line in cell.source.splitlines() if line.strip()]
+            doing = [line for line in lines if not line.startswith(("import ", "from ", "#"))] or lines or [""]
+            seconds = float(cell.metadata.get("papermill", {}).get("duration") or 0.0)
+            timed.append([index, round(seconds, 2), doing[0][:80]])
+    return timed
 
 
 def _execute(run: GridRun, out: Path) -> dict:
@@ -236,8 +253,9 @@ def _execute(run: GridRun, out: Path) -> dict:
     partial.replace(executed)
     body, _ = HTMLExporter().from_notebook_node(nbformat.read(executed, as_version=4))
     write_text(out / "html" / f"{run.run_id}.html", body)
-    write_text(stamp, json.dumps({"digest": digest, "seconds": seconds}) + "\n")
-    return {**result, "seconds": seconds}
+    cells = cell_seconds(executed)
+    write_text(stamp, json.dumps({"digest": digest, "seconds": seconds, "cell_seconds": cells}) + "\n")
+    return {**result, "seconds": seconds, "cell_seconds": cells}
 
 
 def collect_records(out: Path) -> list[dict]:

@@ -19,7 +19,10 @@ def exercise_cells(cells: list[dict]) -> list[tuple[str, str, str]]:
     """(exercise name, solution source, check source) for each nbgrader solution cell and the grade cell after it."""
     pairs = []
     for solution, grade in zip(cells, cells[1:]):
-        meta, grade_meta = solution.get("metadata", {}).get("nbgrader", {}), grade.get("metadata", {}).get("nbgrader", {})
+        meta, grade_meta = (
+            solution.get("metadata", {}).get("nbgrader", {}),
+            grade.get("metadata", {}).get("nbgrader", {}),
+        )
         if meta.get("solution") and grade_meta.get("grade"):
             source, check_source = "".join(solution["source"]), "".join(grade["source"])
             pairs.append((CHECK_CALL.search(check_source).group(1), source, check_source))
@@ -63,7 +66,9 @@ def test_wrong_shape_and_exceptions_are_named():
     assert "shape (2, 16), expected ()" in failure(exercise("cosine_regression_loss"), lambda p, t: (p - t).sum(-1))
     message = failure(exercise("euler_step"), lambda x, eps, s, s2: x + eps[:, :3])
     assert "case 1 of 5 (step 0 of 10" in message and "raised RuntimeError" in message
-    assert "not written yet" in failure(exercise("verdict_rule"), lambda *a: (_ for _ in ()).throw(NotImplementedError()))
+    assert "not written yet" in failure(
+        exercise("verdict_rule"), lambda *a: (_ for _ in ()).throw(NotImplementedError())
+    )
 
 
 def test_a_failed_check_shows_its_message_not_a_traceback():
@@ -99,6 +104,8 @@ def test_instructor_solutions_pass_and_student_versions_fail_each_check(path, ca
         assert f"✓ {name}: all " in capsys.readouterr().out
     for name, solution, check_source in student:
         assert "### BEGIN SOLUTION" not in solution and "raise NotImplementedError()" in solution
-        with pytest.raises(ExerciseFailed, match=rf"^{name}: not written yet\. Replace `raise NotImplementedError\(\)`"):
+        with pytest.raises(
+            ExerciseFailed, match=rf"^{name}: not written yet\. Replace `raise NotImplementedError\(\)`"
+        ):
             run_pair(solution, check_source)
     print(f"{path.stem}: {len(instructor)} checks pass (instructor), {len(student)} fail with their message (student)")
