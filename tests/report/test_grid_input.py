@@ -32,7 +32,7 @@ def test_a_string_for_an_int_parameter_is_refused_naming_file_block_parameter_an
     with pytest.raises(LabError) as error:
         load_grid(grid)
     assert str(error.value) == (
-        f"{grid}: block 1 ({ABLATION}): parameter segments = 'abc' must be an int (the notebook's default is 4)"
+        f"{grid}: block 1 ({ABLATION}): parameter segments = 'abc' must be an int (the notebook's default is 25)"
     )
 
 
@@ -111,7 +111,7 @@ def test_type_rules(value, default, expected):
 
 
 def test_defaults_are_read_from_the_parameters_cell_with_ast(tmp_path):
-    assert notebook_defaults(NOTEBOOKS / ABLATION)["segments"] == 4
+    assert notebook_defaults(NOTEBOOKS / ABLATION)["segments"] == 25
     assert notebook_defaults(NOTEBOOKS / ABLATION)["out_dir"] is None
     assert {k: notebook_defaults(NOTEBOOKS / "05_attention_sinks.ipynb")[k] for k in ("window", "sink", "cap")} == {
         "window": None,
