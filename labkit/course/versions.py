@@ -157,12 +157,15 @@ def course_table(notebooks: list[Path], preset: str = "tiny") -> str:
     runs = measured_runs(preset)
     rows = [
         "| notebook | objectives | build-it-yourself exercises (checked) | open exercises | discussion questions "
-        "| CPU runtime, last report |",
+        "| CPU runtime, last report (its parameters where they differ from the defaults) |",
         "|---|---|---|---|---|---|",
     ]
     for path in notebooks:
         o = outline(path)
-        seconds = format_seconds(runs[o.stem].seconds) if o.stem in runs else "not measured"
+        run = runs.get(o.stem)
+        seconds = "not measured" if run is None else format_seconds(run.seconds)
+        if run is not None and run.defaults_differ:  # say what the report changed (e.g. no live training)
+            seconds += " (" + ", ".join(f"{k}={v!r}" for k, (v, _) in run.defaults_differ.items()) + ")"
         checked = f"{len(o.checked)}: " + ", ".join(f"`{n}`" for n in o.checked) if o.checked else "0"
         rows.append(
             f"| [{o.stem}](../../notebooks/{path.name}) | {o.objectives} | {checked} | {o.exercises} | "
