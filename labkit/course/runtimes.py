@@ -55,6 +55,20 @@ def measured_runs(preset: str = "tiny") -> dict[str, MeasuredRun]:
     return runs
 
 
+def cell_label(notebook: str, executed_index: int) -> str:
+    """'12: `curves = long_context_curves(...)`': a report cell by its index in notebooks/ and its first line that does
+    something. Papermill adds one cell (the injected parameters) after the `parameters` cell of every report run."""
+    cells = json.loads((project_root() / "notebooks" / f"{notebook}.ipynb").read_text(encoding="utf-8"))["cells"]
+    tagged = [i for i, c in enumerate(cells) if "parameters" in c.get("metadata", {}).get("tags", [])]
+    index = executed_index - 1 if tagged and executed_index > tagged[0] else executed_index
+    if not 0 <= index < len(cells):
+        return f"{index}: (no such cell in notebooks/ now)"
+    lines = [line.strip() for line in "".join(cells[index]["source"]).splitlines() if line.strip()]
+    skip = ("import ", "from ", "#", "runtime_line(")
+    first = next((line for line in lines if not line.startswith(skip)), lines[0] if lines else "")
+    return f"{index}: `{first[:70]}`"
+
+
 def machine(preset: str = "tiny") -> str:
     """'a 2-core AMD EPYC, 1 thread per notebook': where the last report ran."""
     info = _summary(preset).get("machine", {})

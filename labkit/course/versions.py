@@ -23,7 +23,7 @@ from labkit.core.errors import LabError
 from labkit.core.paths import project_root
 from labkit.course.checks import failure
 from labkit.course.exercises import EXERCISES
-from labkit.course.runtimes import LIVE_CELL_SECONDS, format_seconds, measured_runs
+from labkit.course.runtimes import LIVE_CELL_SECONDS, cell_label, format_seconds, machine, measured_runs
 
 CHECK_CALL = re.compile(r"""check\(\s*["']([a-z_]+)["']""")
 TABLE_START, TABLE_END = "<!-- course-table:start -->", "<!-- course-table:end -->"
@@ -133,23 +133,25 @@ def runtime_tables(preset: str = "tiny") -> str:
     runs = measured_runs(preset)
     parts = [
         GENERATED,
-        f"# Measured runtimes\n\nFrom the executed notebooks of the last report (`reports/{preset}/`;"
-        " papermill stamps every notebook and cell with its duration). GPU: not measured yet (no GPU run of the "
-        "course so far).\n\n| notebook | CPU, whole notebook | parameters that differ from the defaults | GPU |\n"
-        "|---|---|---|---|\n",
+        f"# Measured runtimes\n\nFrom the last report (`reports/{preset}/summary.json`: papermill stamps every "
+        f"notebook and cell with its duration), on {machine(preset)}. GPU: not measured yet (no GPU run of the "
+        "course so far). "
+        "The report runs notebooks 02, 03, 04 and 06 with `train_live=False`: their live-training cells (on by "
+        "default, run by `make test`) are not timed here.\n\n"
+        "| notebook | CPU, whole notebook | parameters that differ from the defaults | GPU |\n|---|---|---|---|\n",
     ]
     for stem, run in runs.items():
         differ = ", ".join(f"{k}={v!r}" for k, (v, _) in run.defaults_differ.items()) or "none"
         parts.append(f"| {stem} | {format_seconds(run.seconds)} | {differ} | not measured |\n")
     parts.append(
-        f"\n## Live cells (over {LIVE_CELL_SECONDS:g} s)\n\n| notebook | cell (first line) | CPU |\n|---|---|---|\n"
+        f"\n## Cells over {LIVE_CELL_SECONDS:g} s\n\nCells are numbered as in `notebooks/` (from 0); each is named by "
+        "its first line that is not an import.\n\n| notebook | cell | CPU |\n|---|---|---|\n"
     )
     for stem, run in runs.items():
-        for index, seconds, first_line in run.cells:
+        for index, seconds, _ in run.cells:
             if seconds > LIVE_CELL_SECONDS:
-                parts.append(
-                    f"| {stem} | {index}: `{first_line[:70].replace('|', '/')}` | {format_seconds(seconds)} |\n"
-                )
+                label = cell_label(stem, index).replace("|", "/")
+                parts.append(f"| {stem} | {label} | {format_seconds(seconds)} |\n")
     return "".join(parts)
 
 
