@@ -48,7 +48,9 @@ report: setup
 lab: setup
 	$(VENV)/bin/jupyter lab notebooks/
 
-# The explorers as a Voilà app (demo/*.ipynb, no code shown), one page each, on localhost.
+# The explorers as a Voilà app (demo/*.ipynb, no code shown), one page each, on localhost. voila.json (read from
+# the working directory) keeps the nbgrader and Notebook-7 JupyterLab extensions out of the app: they fail to load
+# in Voilà and fill the browser console with errors.
 DEMO_PORT ?= 8866
 demo: setup
 	@echo "the explorers: open http://127.0.0.1:$(DEMO_PORT)/ (Ctrl-C stops the server)"
