@@ -13,8 +13,13 @@ Splits come from disjoint story seeds: every story's seed is derived from (seed,
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import io
 import json
+import multiprocessing
+import os
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -33,6 +38,7 @@ from labkit.data.text_tokenizer import StoryTokenizer
 SPLITS = ("train", "val", "test")
 SPLIT_CODES = {"train": 1, "val": 2, "test": 3}
 FORMAT_VERSION = 1
+PARALLEL_FROM = 100  # stories: below this, spawning processes costs more than rendering in this one
 
 
 @dataclass(frozen=True)
@@ -96,31 +102,60 @@ def _png_bytes(image: Image.Image) -> bytes:
     return buffer.getvalue()
 
 
-def make_dataset(out: Path | str, config: MakeConfig, overwrite: bool = False, progress: bool = True) -> dict:
-    """Generate, render and write a whole data set; the folder appears only when complete."""
+def _render_story(job: tuple[str, int, int, int, int]) -> tuple[object, dict[str, bytes]]:
+    """One story and its frames as PNG bytes (a pure function of the job: any process may render it)."""
+    split, index, seed, frames, size = job
+    story = generate_story(seed, story_id(split, index), frames=frames)
+    pngs = {
+        f"{split}/{story.id}/{story.id}_{frame:03d}.png": _png_bytes(render_frame(story, frame, size=size))
+        for frame in range(frames)
+    }
+    return story, pngs
+
+
+def _story_renderer(workers: int, total: int):
+    """`map` over render jobs, in order: this process for small sets, else a pool of spawned processes (the
+    `small` preset's 2,200 stories at 128 px take about 14 min on one core). Every story is a pure function of its
+    seed, so the data set is byte-for-byte the same whatever the count."""
+    if workers <= 1 or total < PARALLEL_FROM:
+        return contextlib.nullcontext(map)
+    pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"))
+    return _closing_map(pool)
+
+
+@contextlib.contextmanager
+def _closing_map(pool: ProcessPoolExecutor):
+    with pool:
+        yield functools.partial(pool.map, chunksize=4)
+
+
+def make_dataset(
+    out: Path | str, config: MakeConfig, overwrite: bool = False, progress: bool = True, workers: int | None = None
+) -> dict:
+    """Generate, render and write a whole data set; the folder appears only when complete. `workers` processes
+    render the stories (default: the machine's cores; the result does not depend on it)."""
     config.check()
     out = Path(out)
     seeds = {split: [story_seed(config.seed, split, i) for i in range(config.stories(split))] for split in SPLITS}
     all_seeds = [s for split in SPLITS for s in seeds[split]]
     assert len(set(all_seeds)) == len(all_seeds), "story seeds collided across splits"
     total = sum(config.stories(split) for split in SPLITS)
+    workers = workers if workers is not None else os.cpu_count() or 1
     with (
         build_directory(out, overwrite=overwrite) as tmp,
         tqdm(total=total, desc="stories", unit="story", disable=not progress) as bar,
+        _story_renderer(workers, total) as render_all,
     ):
         train_captions: list[str] = []
         for split in SPLITS:
             records, annotations = [], []
-            for index, seed in enumerate(seeds[split]):
-                story = generate_story(seed, story_id(split, index), frames=config.frames)
-                paths = []
-                for frame in range(config.frames):
-                    relative = f"{split}/{story.id}/{story.id}_{frame:03d}.png"
+            jobs = [(split, index, seed, config.frames, config.size) for index, seed in enumerate(seeds[split])]
+            for story, pngs in render_all(_render_story, jobs):
+                for relative, png in pngs.items():
                     target = tmp / "images" / relative
                     target.parent.mkdir(parents=True, exist_ok=True)
-                    target.write_bytes(_png_bytes(render_frame(story, frame, size=config.size)))
-                    paths.append(relative)
-                records.append(StoryRecord(story.id, paths, list(story.captions), list(range(config.frames))))
+                    target.write_bytes(png)
+                records.append(StoryRecord(story.id, list(pngs), list(story.captions), list(range(config.frames))))
                 annotations.append(json.dumps(annotation_line(story)) + "\n")
                 if split == "train":
                     train_captions.extend(story.captions)
