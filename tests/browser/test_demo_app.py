@@ -241,7 +241,10 @@ def test_an_explorer_in_jupyterlab(browser, tmp_path, timings):
         page.on("pageerror", lambda error: errors.append(str(error)))
         page.goto(f"{address}/lab/tree/rope_clock.ipynb", timeout=PAGE_SECONDS * 1000)
         page.wait_for_selector(".jp-Notebook .jp-Cell >> nth=1", timeout=PAGE_SECONDS * 1000)
-        page.click(".jp-Notebook .jp-Cell >> nth=1")  # the code cell (it runs once the kernel is up)
+        # Run the cell only once the kernel is up and idle: on a busy machine a Shift+Enter sent while the session
+        # is still starting can be lost, and the test then waited for an output that never came (a CI flake)
+        page.wait_for_selector('.jp-Notebook-ExecutionIndicator[data-status="idle"]', timeout=PAGE_SECONDS * 1000)
+        page.click(".jp-Notebook .jp-Cell >> nth=1")  # the code cell
         page.keyboard.press("Shift+Enter")
         page.wait_for_selector(".widget-output img", timeout=PAGE_SECONDS * 1000)
         before = page.locator(".widget-output img").first.get_attribute("src")
