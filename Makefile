@@ -16,7 +16,7 @@ PIP    := $(PY) -m pip --disable-pip-version-check
 $(STAMP): pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	@echo "installing the pinned dependencies into $(VENV) (first time: a few minutes)"
-	$(PIP) install --quiet -e '.[test,lab,book]'
+	$(PIP) install --quiet -e '.[test,lab,book,dask]'
 	@touch $(STAMP)
 
 $(SDIST):

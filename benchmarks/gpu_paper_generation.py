@@ -1,9 +1,12 @@
-"""GPU check for the KV-cache policies at real scale (issue 4): a Llama-2-7B-shaped SEED-Story MLLM with
-random weights in bf16 writes 25 story segments (text + image slots, no de-tokenizer) under `dense`,
-`mm-sink` and `recompute-window`; seconds per segment and KV bytes are recorded - the time and memory
-columns of the paper's Table 2, at the paper's sizes (Q = 64 image slots, 256×4096 features).
+"""GPU check for the KV-cache policies at real scale (issues 4 and 16): a Llama-2-7B-shaped SEED-Story MLLM with
+random weights in bf16 writes story segments (text + image slots, no de-tokenizer) under each policy; seconds per
+segment, KV bytes and peak memory are recorded - the time and memory columns of the paper's Table 2, at the paper's
+sizes (Q = 64 image slots, 256×4096 features), at 25 segments (Table 2) and 100 (ten times the training length).
 
-    PYTHONPATH=. python3 benchmarks/gpu_paper_generation.py --out gpu_paper_generation.json
+    PYTHONPATH=. python3 benchmarks/gpu_paper_generation.py --out gpu_paper_generation.json   # issue 4: 25 segments
+    PYTHONPATH=. python3 benchmarks/gpu_paper_generation.py --segments 25,100 \
+        --policies dense,window,sink,mm-sink,mm-sink-as-coded,recompute-window \
+        --out benchmarks/results/gpu_paper_generation_100.json                              # issue 16
 
 Random weights: captions are forced to a fixed length (`--caption-tokens`, about the paper's 146 characters),
 so every policy does the same work; quality is not measured here.
@@ -38,7 +41,8 @@ def build(preset_name: str, vocab: int, device: torch.device):
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--preset", default="paper")
-    parser.add_argument("--segments", type=int, default=25)
+    parser.add_argument("--segments", default="25", help="story lengths, comma-separated (e.g. 25,100)")
+    parser.add_argument("--policies", default="dense,mm-sink,recompute-window", help="comma-separated")
     parser.add_argument("--caption-tokens", type=int, default=36)
     parser.add_argument("--out", default="gpu_paper_generation.json")
     parser.add_argument("--cpu-smoke", action="store_true")
@@ -58,17 +62,25 @@ def main() -> None:
     build_seconds = time.perf_counter() - start
     segment_tokens = args.caption_tokens + 1 + preset.mllm.num_queries + 2
     window = 10 * segment_tokens  # the paper's sink window = the training length, 10 segments
-    policies = {
+    known = {
         "dense": {},
+        "window": {"window": window},
+        "sink": {"sink": 4, "window": window},
         "mm-sink": {"sink": 4, "window": window, "cap": window + 4 + 24 * 16},
+        "mm-sink-as-coded": {"window_images": 8},  # the official slicing keeps 8 images (vis_george_sink.py)
         "recompute-window": {},
     }
+    unknown = sorted(set(args.policies.split(",")) - set(known))
+    if unknown:
+        parser.error(f"--policies: unknown {unknown}; choose from {', '.join(known)}")
+    policies = {name: known[name] for name in args.policies.split(",")}
+    lengths = [int(n) for n in args.segments.split(",")]
     first = torch.randn(
         preset.visual_tokenizer.num_features, preset.visual_tokenizer.feature_dim, device=device, dtype=torch.bfloat16
     )
     opening = "Once upon a time, Mira, a small red round creature with a yellow hat, lived in the quiet forest."
     report = {
-        "check": "25 story segments at the paper's sizes, random bf16 weights",
+        "check": f"{args.segments} story segments at the paper's sizes, random bf16 weights",
         "device": torch.cuda.get_device_name(0) if device.type == "cuda" else "cpu (smoke)",
         "torch": torch.__version__,
         "parameters": sum(p.numel() for p in model.parameters()),
@@ -84,7 +96,7 @@ def main() -> None:
         generate_story(
             model, tokenizer, opening, first, 2, "dense", {}, max_caption_tokens=4, fixed_caption_tokens=True
         )  # warm-up
-        for policy, params in policies.items():
+        for (policy, params), segments in ((p, n) for p in policies.items() for n in lengths):
             if device.type == "cuda":
                 torch.cuda.synchronize()
                 torch.cuda.reset_peak_memory_stats()
@@ -93,7 +105,7 @@ def main() -> None:
                 tokenizer,
                 opening,
                 first,
-                args.segments,
+                segments,
                 policy,
                 params,
                 recompute_segments=8,
@@ -101,10 +113,14 @@ def main() -> None:
                 fixed_caption_tokens=True,
             )
             steps = run.steps
-            report["policies"][policy] = {
+            key = policy if len(lengths) == 1 else f"{policy}@{segments}"
+            report["policies"][key] = {
+                "segments": segments,
                 "params": params,
                 "seconds_per_segment": [round(s.seconds, 4) for s in steps],
                 "mean_seconds_per_segment_last5": round(sum(s.seconds for s in steps[-5:]) / 5, 4),
+                # a segment writes caption_tokens + <img> + Q slots + </img> (+ [INST]) tokens
+                "mean_seconds_per_token_last5": round(sum(s.seconds for s in steps[-5:]) / 5 / segment_tokens, 5),
                 "kv_bytes_per_segment": [s.kv_bytes for s in steps],
                 "kv_gib_at_end": round(steps[-1].kv_bytes / 2**30, 3),
                 "kv_entries_at_end": steps[-1].kv_entries,
@@ -115,7 +131,7 @@ def main() -> None:
             }
             print(
                 policy,
-                json.dumps({k: v for k, v in report["policies"][policy].items() if "per_segment" not in k}),
+                json.dumps({k: v for k, v in report["policies"][key].items() if "per_segment" not in k}),
                 flush=True,
             )
     Path(args.out).write_text(json.dumps(report, indent=2) + "\n")

@@ -11,6 +11,7 @@ import torch
 
 from labkit.core.presets import get_preset
 from labkit.models.mllm import SeedStoryMLLM, paper_vocab_size, parameter_counts
+from labkit.training.memory_plan import format_table, memory_table
 
 
 def nominal_vocab_size(preset_name: str) -> int:
@@ -63,6 +64,8 @@ def model_info(preset_name: str) -> dict:
             "cross_attention_dim": sum(preset.detokenizer.cross_widths),
         },
         "parameters": counts,
+        # stage 2's memory per GPU under each configs/accelerate/ config (LoRA presets: the paper's multi-GPU run)
+        "memory_per_gpu_gib": None if preset.mllm.lora is None else memory_table(preset, vocab),
     }
 
 
@@ -75,4 +78,7 @@ def format_info(info: dict) -> str:
     ]
     for name, count in info["parameters"].items():
         lines.append(f"{name:<22} {count['total']:>15,} {count['trainable']:>15,}")
+    if info.get("memory_per_gpu_gib"):
+        lines += ["", "stage 2, GiB per GPU (labkit.training.memory_plan: 240 samples x 1280 tokens per step):"]
+        lines.append(format_table(info["memory_per_gpu_gib"]))
     return "\n".join(lines)

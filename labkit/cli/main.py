@@ -93,17 +93,23 @@ def _data_show(args: argparse.Namespace) -> int:
 
 
 def _report(args: argparse.Namespace) -> int:
+    from labkit.core.devices import choose_for_children
     from labkit.core.paths import artifacts_folder, project_root
     from labkit.core.presets import get_preset
+    from labkit.report.executors import ExecutorConfig
     from labkit.report.grid import default_grid, load_grid
 
     get_preset(args.preset)
     load_grid(Path(args.grid) if args.grid else default_grid(args.preset))  # a bad grid stops here, in a second
+    executor = ExecutorConfig(args.executor, args.scheduler).check()  # --scheduler without dask, dask missing
+    if args.workers is not None and args.workers < 1:
+        raise LabError(f"parameter --workers: must be >= 1 (got {args.workers})")
+    choose_for_children(args.device, args.precision)  # kernels and retrained stages read it from the environment
     from labkit.report.run import run_report  # torch, transformers, diffusers: seconds to import
 
     out = Path(args.out) if args.out else None
     if args.retrain:
-        from labkit.report.retrain import retrain_all
+        from labkit.report.retrain import parse_steps, retrain_all
 
         # the retrained report goes beside the committed one, never over it, so the two can be compared
         out = out or project_root() / "reports" / f"{args.preset}-retrained-{args.retrain_schedule}"
@@ -115,6 +121,7 @@ def _report(args: argparse.Namespace) -> int:
             schedule=args.retrain_schedule,
             full_study=args.retrain_full_study,
             stages=args.retrain_stages.split(",") if args.retrain_stages else None,
+            steps=parse_steps(args.retrain_steps),
         )
         print(
             f"retrained {args.retrain_stages or 'every stage'} ({args.retrain_schedule} schedules) in "
@@ -128,6 +135,8 @@ def _report(args: argparse.Namespace) -> int:
         course=not args.grid_only,
         data_root=args.data,
         rerun=args.rerun or args.retrain,
+        workers=args.workers,
+        executor=executor,
     )
     print(f"report: {index}")
     if args.retrain and (project_root() / "reports" / args.preset / "summary.json").is_file():
@@ -145,7 +154,9 @@ def _report(args: argparse.Namespace) -> int:
             print(f"{run}: retrained - committed " + ", ".join(f"{k} {v:+.3f}" for k, v in deltas.items()))
         outside = comparison["outside_tolerance"]
         print(
-            "every metric within labkit.report.retrain.TOLERANCE of the committed report"
+            "no grid cell in common with the committed report: no cell metric compared"
+            if not comparison["cells"]
+            else "every metric within labkit.report.retrain.TOLERANCE of the committed report"
             if not outside
             else "outside labkit.report.retrain.TOLERANCE:\n  " + "\n  ".join(outside)
         )
@@ -157,11 +168,13 @@ def _report(args: argparse.Namespace) -> int:
 
 def _train(args: argparse.Namespace) -> int:
     from labkit.core.artifacts import ARTIFACTS
+    from labkit.core.devices import choose_for_children
     from labkit.core.presets import get_preset
     from labkit.training.common import StageRun
     from labkit.training.registry import require_needs
 
     preset = get_preset(args.preset)  # resolved once, here at the edge
+    choose_for_children(args.device, args.precision)  # a bad --device stops here, before any work
     command = args.stage + (f" --mode {args.mode}" if args.stage == "stage3" else "")
     built = {name for name, kind in ARTIFACTS.items() if kind.train == command}
     if not preset.pretrained_weights:  # what this stage's trainers read must exist before any training starts
@@ -174,6 +187,8 @@ def _train(args: argparse.Namespace) -> int:
         out=args.out,
         resume=args.resume,
         progress=not args.quiet,
+        device=args.device,
+        precision=args.precision,
     )
     if args.stage == "stage0":
         from labkit.training.stage0 import train_judges, train_stage0
@@ -195,6 +210,8 @@ def _train(args: argparse.Namespace) -> int:
                     data_root=args.data,
                     resume=args.resume,
                     progress=not args.quiet,
+                    device=args.device,
+                    precision=args.precision,
                 )
             )
             print(f"stage 1a VAE: {json.dumps(manifest['metrics'])}")
@@ -234,6 +251,12 @@ def _detokenize(args: argparse.Namespace) -> int:
     )
     print(f"wrote {out}")
     return 0
+
+
+def _story(args: argparse.Namespace) -> int:
+    from labkit.cli.story import run_story
+
+    return run_story(args)
 
 
 def _info(args: argparse.Namespace) -> int:
@@ -362,6 +385,17 @@ def _sink_study(args: argparse.Namespace) -> int:
     return 0
 
 
+def _device_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--device",
+        help="auto (default: CUDA when torch sees a GPU, else the CPU), cpu or cuda; "
+        "CUDA_VISIBLE_DEVICES picks the GPU",
+    )
+    parser.add_argument(
+        "--precision", help="auto (default: bf16 autocast on CUDA, fp32 on the CPU), fp32 or bf16 (labkit.core.devices)"
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="labkit", description="SEED-Story Lab: reproduce, measure and teach SEED-Story."
@@ -443,6 +477,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="stage 3: official (resampler + UNet to_k/to_v, as released) or full (all of it, as the paper says)",
     )
     train.add_argument("--vae-steps", type=int, help="stage 1: override the VAE schedule's number of steps")
+    _device_arguments(train)
     train.add_argument("--quiet", action="store_true")
     train.set_defaults(run=_train)
 
@@ -464,6 +499,14 @@ def build_parser() -> argparse.ArgumentParser:
     detok.add_argument("--seed", type=int, default=42)
     detok.add_argument("--quiet", action="store_true")
     detok.set_defaults(run=_detokenize)
+
+    from labkit.cli.story import add_story_arguments  # argparse only: no torch at --help
+
+    story = commands.add_parser(
+        "story", help="one long story under a KV-cache policy: story.json, images/, strip.png (paper: real weights)"
+    )
+    add_story_arguments(story)
+    story.set_defaults(run=_story)
 
     info = commands.add_parser(
         "info", help="parameter counts per component (built on the meta device: no weights needed)"
@@ -546,6 +589,18 @@ def build_parser() -> argparse.ArgumentParser:
     report.add_argument("--grid-only", action="store_true", help="run only the grid's notebooks and 08 (not 00-06)")
     report.add_argument("--data", help="data set folder (default: the preset's, made on first use)")
     report.add_argument(
+        "--executor",
+        choices=("processes", "dask"),
+        default="processes",
+        help="where the notebooks run: spawned processes here, or dask.distributed (docs/distributed_report.md)",
+    )
+    report.add_argument(
+        "--workers", type=int, help="notebooks at once (default 2, at most the cores; with --scheduler: its threads)"
+    )
+    report.add_argument(
+        "--scheduler", metavar="ADDRESS", help="with --executor dask: a running cluster's scheduler (tcp://host:8786)"
+    )
+    report.add_argument(
         "--retrain-schedule",
         choices=("reference", "quick"),
         default="reference",
@@ -567,6 +622,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="with --retrain: retrain only these stages (e.g. lm,mllm,detokenizer_official,detokenizer_full); the "
         "others and the sink-emergence study are copied from the committed references",
     )
+    report.add_argument(
+        "--retrain-steps",
+        metavar="STAGE=N,...",
+        help="with --retrain: cut these stages' schedules to N steps (N alone: every stage); "
+        "benchmarks/gpu_small_pipeline.sh sizes the small preset so",
+    )
+    _device_arguments(report)
     report.add_argument("--quiet", action="store_true")
     report.set_defaults(run=_report)
 

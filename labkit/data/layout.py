@@ -94,8 +94,9 @@ def build_layout(
     emit(tokenizer.bos_id, "bos", 0, False)
     for segment, caption in enumerate(captions):
         trained_text = segment in text_loss
-        if segment > 0:
-            emit(tokenizer.inst_id, "text", segment, trained_text)
+        if segment > 0:  # `[INST]`: one token in the lab's BPE, several pieces in Llama-2's (plain text, official)
+            for token in tokenizer.inst_ids:
+                emit(token, "text", segment, trained_text)
         for token in tokenizer.encode(caption):
             emit(token, "text", segment, trained_text)
         emit(tokenizer.boi_id, "boi", segment, trained_text)

@@ -73,7 +73,7 @@ def story_documents(
     for story in captions + (descriptions or []):
         ids = [tokenizer.bos_id]
         for index, text in enumerate(story):
-            ids += ([tokenizer.inst_id] if index else []) + tokenizer.encode(text)
+            ids += (tokenizer.inst_ids if index else []) + tokenizer.encode(text)  # Llama-2: several pieces
         documents.append(ids)
     return documents
 

@@ -28,7 +28,28 @@ def image_token(index: int) -> str:
     return f"<img_{index:05d}>"
 
 
-class StoryTokenizer:
+class TokenizerCalls:
+    """What generation and layouts call on a story tokenizer, around its `tokenizers.Tokenizer` (`self.tokenizer`);
+    shared by this BPE tokenizer and Llama-2's (`labkit.data.llama_tokenizer`)."""
+
+    tokenizer: Tokenizer
+
+    @property
+    def vocab_size(self) -> int:
+        return self.tokenizer.get_vocab_size()
+
+    def encode(self, text: str) -> list[int]:
+        """Token ids of `text`; special-token strings inside it stay whole (one id each)."""
+        return self.tokenizer.encode(text, add_special_tokens=False).ids
+
+    def decode(self, ids: Sequence[int], skip_special_tokens: bool = False) -> str:
+        return self.tokenizer.decode(list(ids), skip_special_tokens=skip_special_tokens)
+
+    def tokens(self, text: str) -> list[str]:
+        return self.tokenizer.encode(text, add_special_tokens=False).tokens
+
+
+class StoryTokenizer(TokenizerCalls):
     """A `tokenizers.Tokenizer` plus the ids of the SEED-Story special tokens."""
 
     def __init__(self, tokenizer: Tokenizer, num_image_tokens: int):
@@ -65,18 +86,9 @@ class StoryTokenizer:
         return cls(tokenizer, num_image_tokens)
 
     @property
-    def vocab_size(self) -> int:
-        return self.tokenizer.get_vocab_size()
-
-    def encode(self, text: str) -> list[int]:
-        """Token ids of `text`; special-token strings inside it stay whole (one id each)."""
-        return self.tokenizer.encode(text, add_special_tokens=False).ids
-
-    def decode(self, ids: Sequence[int], skip_special_tokens: bool = False) -> str:
-        return self.tokenizer.decode(list(ids), skip_special_tokens=skip_special_tokens)
-
-    def tokens(self, text: str) -> list[str]:
-        return self.tokenizer.encode(text, add_special_tokens=False).tokens
+    def inst_ids(self) -> list[int]:
+        """`[INST]`'s ids: one special token here (several SentencePiece pieces in Llama-2's tokenizer)."""
+        return [self.inst_id]
 
     def save_pretrained(self, folder: Path | str) -> None:
         folder = Path(folder)

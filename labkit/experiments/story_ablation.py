@@ -41,6 +41,7 @@ import torch
 
 from labkit.core.artifacts import require, weights_hash
 from labkit.core.atomic import save_torch, write_bytes, write_text
+from labkit.core.devices import default_device
 from labkit.core.errors import LabError, ParameterError
 from labkit.core.paths import artifacts_folder
 from labkit.core.presets import Preset, get_preset
@@ -175,7 +176,7 @@ def load_inputs(preset: Preset, data_root: Path | str | None = None, progress: b
     model, tokenizer, _ = load_mllm(folder, preset)
     root = Path(data_root) if data_root else ensure_dataset(preset, progress)
     return CellInputs(
-        model,
+        model.to(default_device()),  # `labkit report --device` (the judges score on the CPU, in fp32)
         tokenizer,
         load_judges(preset),
         load_frames(root, "test"),
@@ -287,9 +288,8 @@ def _light(step):
 
 def load_detokenizer(adaptation: str, preset: Preset):
     name = ADAPTATIONS[adaptation]
-    return load_detokenizer_artifact(require(name, preset.name), preset, "stage1" if adaptation == "off" else "stage3")[
-        0
-    ]
+    folder, stage = require(name, preset.name), "stage1" if adaptation == "off" else "stage3"
+    return load_detokenizer_artifact(folder, preset, stage)[0].to(default_device())
 
 
 def tell_story(

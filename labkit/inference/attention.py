@@ -18,6 +18,7 @@ from typing import Iterator
 import torch
 from transformers import LlamaForCausalLM
 
+from labkit.core.devices import module_device, to_module_device
 from labkit.data.text_tokenizer import StoryTokenizer
 from labkit.models.mllm import MLLMBatch, SeedStoryMLLM
 
@@ -74,18 +75,19 @@ def eager_attention(llm) -> Iterator[None]:
 def attention_maps(model: SeedStoryMLLM, batch: MLLMBatch) -> list[torch.Tensor]:
     """Per layer, attention weights [B, heads, T, T] of the MLLM on a batch (image slots filled)."""
     llm = model.causal_lm
+    batch = batch.to(module_device(llm))
     with eager_attention(llm):
         embeds = model.embed(batch.input_ids, batch.image_input, batch.input_features)
         out = llm.model(inputs_embeds=embeds, output_attentions=True, use_cache=False)
-    return [a.float() for a in out.attentions]
+    return [a.float().cpu() for a in out.attentions]
 
 
 @torch.no_grad()
 def attention_maps_plain(llm, input_ids: torch.Tensor) -> list[torch.Tensor]:
     """Per layer, attention weights of a plain `LlamaForCausalLM` on token ids."""
     with eager_attention(llm):
-        out = llm.model(input_ids=input_ids, output_attentions=True, use_cache=False)
-    return [a.float() for a in out.attentions]
+        out = llm.model(input_ids=to_module_device(llm, input_ids), output_attentions=True, use_cache=False)
+    return [a.float().cpu() for a in out.attentions]
 
 
 def type_shares(maps: list[torch.Tensor], types: list[list[str]], skip: int = 8) -> dict[str, torch.Tensor]:

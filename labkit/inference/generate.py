@@ -148,7 +148,8 @@ class _Writer:
         """One new segment in every story: `[INST]`, a caption (written, or the given ones), the regressed image
         fed back. Returns the captions and the regressed features [B, N, D]."""
         t, rows = self.tokenizer, self.all_rows
-        hidden = self.feed(rows, [[t.inst_id]] * len(rows), [["text"]] * len(rows))
+        separator = t.inst_ids  # one special token in the lab's BPE, several pieces in Llama-2's (official)
+        hidden = self.feed(rows, [separator] * len(rows), [["text"] * len(separator)] * len(rows))
         if captions is None:
             captions = self.write_captions(hidden[:, -1], max_tokens, exact)
         else:
@@ -163,8 +164,10 @@ class _Writer:
         `max_tokens`; with `exact`, always `max_tokens` tokens, so a story's layout is known in advance, e.g. for
         cache traces). Stories that finished wait while the others go on writing."""
         t = self.tokenizer
+        # a one-token `[INST]` is banned inside a caption; Llama-2's pieces of it are ordinary text
+        separator = t.inst_ids if len(t.inst_ids) == 1 else []
         banned = torch.tensor(
-            [*t.image_token_ids, t.eoi_id, t.eos_id, t.bos_id, t.pad_id, t.inst_id, *([t.boi_id] if exact else [])],
+            [*t.image_token_ids, t.eoi_id, t.eos_id, t.bos_id, t.pad_id, *separator, *([t.boi_id] if exact else [])],
             device=self.device,
         )
         written: list[list[int]] = [[] for _ in self.caches]
@@ -197,7 +200,7 @@ def _opening(
     t, rows = writer.tokenizer, writer.all_rows
     head_ids, head_types = ([t.bos_id], ["bos"]) if with_bos else ([], [])
     if with_inst:
-        head_ids, head_types = head_ids + [t.inst_id], head_types + ["text"]
+        head_ids, head_types = head_ids + t.inst_ids, head_types + ["text"] * len(t.inst_ids)
     texts = [t.encode(caption) for caption, _ in openings]
     writer.feed(rows, [head_ids + text for text in texts], [head_types + ["text"] * len(text) for text in texts])
     return writer.image_block(rows, torch.stack([features for _, features in openings]))
@@ -306,7 +309,7 @@ def generate_stories(
             written, features = writer.segment(given(segment), max_caption_tokens, fixed_caption_tokens)
             for run, caption, image in zip(runs, written, features):
                 run.captions.append(caption)
-                run.features.append(image)
+                run.features.append(image.cpu())  # stories are saved and scored on the CPU wherever the model ran
             _record(runs, caches, segment, start)
             bar.update()
     for run, ids, types in zip(runs, writer.ids, writer.types):
@@ -394,7 +397,7 @@ def _recompute_window(
             seconds = (time.perf_counter() - start) / len(runs)
             for k, (run, story) in enumerate(zip(runs, stories)):
                 run.captions.append(written[k])
-                run.features.append(features[k])
+                run.features.append(features[k].cpu())
                 story.add(writer.ids[k][held[k] :], writer.types[k][held[k] :])
                 cache = writer.caches[k]
                 run.steps.append(

@@ -20,6 +20,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from labkit.core.devices import to_module_device
 from labkit.data.descriptions import describe_split
 from labkit.data.frames import load_frames, to_float
 from labkit.data.text_tokenizer import StoryTokenizer
@@ -141,7 +142,10 @@ def retrieval(
 
 @torch.no_grad()
 def embed_texts(pair: ImageTextPair, ids: torch.Tensor, mask: torch.Tensor, batch: int = 512) -> torch.Tensor:
-    return torch.cat([pair.encode_text(ids[i : i + batch], mask[i : i + batch]) for i in range(0, len(ids), batch)])
+    ids, mask = to_module_device(pair, ids), to_module_device(pair, mask)
+    return torch.cat(
+        [pair.encode_text(ids[i : i + batch], mask[i : i + batch]).cpu() for i in range(0, len(ids), batch)]
+    )
 
 
 @torch.no_grad()
@@ -149,8 +153,8 @@ def embed_images(pair: ImageTextPair, images: torch.Tensor, batch: int = 256) ->
     """Normalised image embeddings; `images` may be uint8 (converted batch by batch to [-1, 1])."""
     out = []
     for i in range(0, len(images), batch):
-        chunk = images[i : i + batch]
-        out.append(pair.encode_image(to_float(chunk) if chunk.dtype == torch.uint8 else chunk))
+        chunk = to_module_device(pair, images[i : i + batch])
+        out.append(pair.encode_image(to_float(chunk) if chunk.dtype == torch.uint8 else chunk).cpu())
     return torch.cat(out)
 
 

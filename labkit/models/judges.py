@@ -24,6 +24,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from labkit.core.artifacts import config_hash, load_artifact
+from labkit.core.devices import to_module_device
 from labkit.core.errors import LabError
 from labkit.core.presets import Preset
 from labkit.data.frames import CHARACTER_NAMES, STYLE_NAMES, to_float
@@ -98,28 +99,28 @@ class Judges(nn.Module):
         )
         self.text_tokenizer: StoryTokenizer | None = None  # set when loaded: texts must be tokenized as in training
 
-    @staticmethod
-    def _float(images: torch.Tensor) -> torch.Tensor:
+    def _float(self, images: torch.Tensor) -> torch.Tensor:
+        images = to_module_device(self, images)
         return to_float(images) if images.dtype == torch.uint8 else images
 
     @torch.no_grad()
     def predict_character(self, images: torch.Tensor, batch: int = 256) -> torch.Tensor:
         """Protagonist index (into CHARACTER_NAMES) of each image (uint8 or [-1, 1] floats)."""
         return torch.cat(
-            [self.character(self._float(images[i : i + batch])).argmax(-1) for i in range(0, len(images), batch)]
+            [self.character(self._float(images[i : i + batch])).argmax(-1).cpu() for i in range(0, len(images), batch)]
         )
 
     @torch.no_grad()
     def predict_style(self, images: torch.Tensor, batch: int = 256) -> torch.Tensor:
         return torch.cat(
-            [self.style(self._float(images[i : i + batch])).argmax(-1) for i in range(0, len(images), batch)]
+            [self.style(self._float(images[i : i + batch])).argmax(-1).cpu() for i in range(0, len(images), batch)]
         )
 
     @torch.no_grad()
     def fid_features(self, images: torch.Tensor, batch: int = 256) -> torch.Tensor:
         """The FID-analogue feature space: the image-text encoder's pooled channels [B, C] (before projection)."""
         encoder = self.image_text.image_encoder.encoder
-        return torch.cat([encoder(self._float(images[i : i + batch])) for i in range(0, len(images), batch)])
+        return torch.cat([encoder(self._float(images[i : i + batch])).cpu() for i in range(0, len(images), batch)])
 
     @torch.no_grad()
     def embed_images(self, images: torch.Tensor) -> torch.Tensor:

@@ -125,13 +125,15 @@ class MLLMOutput:
 class SeedStoryMLLM(nn.Module):
     """LlamaForCausalLM + input resampler + output resampler, sized by a preset."""
 
-    def __init__(self, preset: Preset, vocab_size: int, lora: bool | None = None):
+    def __init__(self, preset: Preset, vocab_size: int, lora: bool | None = None, llm: LlamaForCausalLM | None = None):
+        """`llm`: a language model already loaded (Llama-2-7B `from_pretrained`, `labkit.models.paper_weights`)
+        instead of a freshly initialised one; its vocabulary must already be `vocab_size`."""
         super().__init__()
         mllm, features = preset.mllm, preset.visual_tokenizer
         self.preset_name = preset.name
         self.num_queries = mllm.num_queries
         hidden = mllm.llm.hidden_size
-        self.llm = LlamaForCausalLM(llm_config(preset, vocab_size))
+        self.llm = llm if llm is not None else LlamaForCausalLM(llm_config(preset, vocab_size))
         self.input_resampler = Resampler(mllm.num_queries, hidden, mllm.resampler_heads, kv_dim=features.feature_dim)
         self.output_resampler = Resampler(features.num_features, features.feature_dim, mllm.output_heads, kv_dim=hidden)
         if mllm.lora is not None and lora is not False:
@@ -146,7 +148,7 @@ class SeedStoryMLLM(nn.Module):
         """Token embeddings with the context images' slots replaced by input-resampled features."""
         embeds = self.causal_lm.model.embed_tokens(input_ids)
         if input_features.shape[0]:
-            slots = self.input_resampler(input_features.to(embeds.dtype)).reshape(-1, embeds.shape[-1])
+            slots = self.input_resampler(input_features.to(embeds)).reshape(-1, embeds.shape[-1])
             embeds = embeds.masked_scatter(image_input.unsqueeze(-1), slots.to(embeds.dtype))
         return embeds
 

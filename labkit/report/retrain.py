@@ -58,13 +58,34 @@ def retrain_jobs(schedule: str = "reference", full_study: bool = False) -> list[
     return jobs
 
 
-def train_one(name: str, folder: Path, preset: str, schedule: str, progress: bool = True) -> None:
-    """Train the one stage `name` into `folder / name` (what each process of `retrain_all` runs)."""
+def train_one(
+    name: str, folder: Path, preset: str, schedule: str, progress: bool = True, steps: int | None = None
+) -> None:
+    """Train the one stage `name` into `folder / name` (what each process of `retrain_all` runs); `steps` cuts
+    its schedule (`Schedule.with_steps`). The device is `$LABKIT_DEVICE` (`labkit report --device`)."""
     out = folder / name
     if (part := _study_part(folder, name)) is not None:
         write_text(part, json.dumps(reference_run(int(name.rsplit("_", 1)[1]), progress=progress)) + "\n")
         return
-    TRAINERS[name](StageRun(get_preset(preset), schedule, out=out, progress=progress))
+    TRAINERS[name](StageRun(get_preset(preset), schedule, steps=steps, out=out, progress=progress))
+
+
+def parse_steps(text: str | None) -> dict[str, int]:
+    """`--retrain-steps`: `STAGE=N,...` (stages named as in ARTIFACTS) -> {stage: steps}; `N` alone: every stage."""
+    if not text:
+        return {}
+    if text.strip().isdigit():
+        return dict.fromkeys(ARTIFACTS, int(text))
+    steps = {}
+    for item in text.split(","):
+        name, _, count = item.partition("=")
+        name = name.strip()
+        if name not in ARTIFACTS or not count.strip().isdigit() or int(count) < 1:
+            raise ParameterError(
+                "--retrain-steps", f"{item!r}: expected STAGE=N with N >= 1 and STAGE one of {', '.join(ARTIFACTS)}"
+            )
+        steps[name] = int(count)
+    return steps
 
 
 def _study_part(folder: Path, name: str) -> Path | None:
@@ -140,6 +161,7 @@ def retrain_all(
     slots: int | None = None,
     full_study: bool = False,
     stages: Sequence[str] | None = None,
+    steps: dict[str, int] | None = None,
 ) -> dict[str, float]:
     """Train every reference checkpoint into `folder`, independent stages side by side; return each stage's
     wall seconds, plus `"total"` (the wall time of the whole graph).
@@ -148,7 +170,8 @@ def retrain_all(
     from-scratch path works, not a reproduction of the reference numbers. The sink-emergence study retrains the
     two runs in which a sink grows; `full_study=True` adds the three runs that show none (about 60 more minutes).
     `stages` retrains only the stages named; the others, and the sink-emergence study, are copied from the
-    committed references (`keep_committed`)."""
+    committed references (`keep_committed`). `steps` cuts the named stages' schedules (`parse_steps`): how
+    `benchmarks/gpu_small_pipeline.sh` sizes the small preset's chain to minutes."""
     folder = Path(folder).resolve()
     ensure_dataset(get_preset(preset), progress)  # made once here, not by two processes at the same time
     slots = slots or min(2, os.cpu_count() or 1)
@@ -163,7 +186,17 @@ def retrain_all(
     os.environ[CHECKPOINTS_ENV] = str(folder)  # the report that follows reads the retrained stages too
 
     def command(job: Job) -> list[str]:
-        return [sys.executable, "-m", "labkit.report.retrain", job.name, str(folder), preset, schedule]
+        count = (steps or {}).get(job.name)
+        return [
+            sys.executable,
+            "-m",
+            "labkit.report.retrain",
+            job.name,
+            str(folder),
+            preset,
+            schedule,
+            str(count or ""),
+        ]
 
     start = time.perf_counter()
     jobs = retrain_jobs(schedule, full_study)
@@ -317,6 +350,6 @@ def write_comparison(preset: str, retrained_report: Path, retrained_folder: Path
 if __name__ == "__main__":  # one stage of retrain_all, in its own process
     import torch
 
-    stage, target, preset_name, schedule_name = sys.argv[1:5]
+    stage, target, preset_name, schedule_name, count = (sys.argv[1:6] + [""])[:5]
     torch.set_num_threads(STAGE_THREADS)
-    train_one(stage, Path(target), preset_name, schedule_name, progress=True)
+    train_one(stage, Path(target), preset_name, schedule_name, progress=True, steps=int(count) if count else None)

@@ -20,10 +20,9 @@ from __future__ import annotations
 import contextlib
 import functools
 import json
-import multiprocessing
 import os
 import time
-from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from safetensors.torch import load_file
@@ -31,11 +30,13 @@ from tqdm.auto import tqdm
 
 from labkit.core.artifacts import ARTIFACTS, locate_artifact, read_manifest, require
 from labkit.core.atomic import write_text
+from labkit.core.devices import default_device
 from labkit.core.paths import portable_path, project_root
-from labkit.core.presets import get_preset
+from labkit.core.presets import REPORT_PRESET_ENV, get_preset
 from labkit.core.provenance import cpu_model, git_commit, package_versions
 from labkit.data.storystream_mini import ensure_dataset
 from labkit.experiments.story_ablation import finite
+from labkit.report.executors import ExecutorConfig, environment, open_pool, thread_environment
 from labkit.report.findings import findings
 from labkit.report.grid import GridRun, default_grid, load_grid, undeclared_parameters
 from labkit.report.index import index_html, index_markdown
@@ -54,22 +55,13 @@ REPORT_THREADS = 1
 # Notebooks executing at once (at most the machine's cores). It does not change any number: each kernel is its own
 # process with REPORT_THREADS threads, and cells sharing generated stories never run together (`generation_group`).
 REPORT_WORKERS = 2
-THREAD_VARIABLES = ("OMP_NUM_THREADS", "MKL_NUM_THREADS")
 
 
 @contextlib.contextmanager
 def fixed_threads(count: int):
     """Set the thread-count variables that the notebook kernels read at start-up; restore them afterwards."""
-    saved = {name: os.environ.get(name) for name in THREAD_VARIABLES}
-    os.environ.update({name: str(count) for name in THREAD_VARIABLES})
-    try:
+    with environment(thread_environment(count)):
         yield
-    finally:
-        for name, value in saved.items():
-            if value is None:
-                os.environ.pop(name, None)
-            else:
-                os.environ[name] = value
 
 
 def course_runs(preset: str, data: str) -> list[GridRun]:
@@ -144,14 +136,6 @@ def _run_digest(run: GridRun, source: Path) -> str:
     return hashlib.sha256(run.digest().encode() + text + f"threads={REPORT_THREADS}".encode()).hexdigest()[:16]
 
 
-def _notebook_pool(workers: int) -> ProcessPoolExecutor:
-    # Processes, not threads: papermill chdir()s the whole process into the notebook's folder while it runs
-    # (papermill.utils.chdir), so two notebooks in threads would restore each other's working directory. Spawned, not
-    # forked: this process has imported torch, whose thread pools do not survive a fork. A worker only waits on its
-    # kernel; it imports this module once (torch, transformers: seconds) and serves the next runs too.
-    return ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"))
-
-
 def _result(run: GridRun) -> dict:
     """The run's entry in summary.json's `runs`, before its status is known."""
     return {
@@ -163,6 +147,14 @@ def _result(run: GridRun) -> dict:
         "status": "ok",
         "seconds": 0.0,
     }
+
+
+def _lost(run: GridRun, why: str, seconds: float, out: Path) -> dict:
+    """The failed entry of a run whose worker died under it (`--executor dask`), with its partial notebook if
+    papermill had written one."""
+    partial = out / "executed" / f"{run.run_id}.partial.ipynb"
+    found = portable_path(partial) if partial.is_file() else None
+    return {**_result(run), "status": "failed", "seconds": seconds, "error": why, "partial": found}
 
 
 def _last_seconds(out: Path) -> dict[str, float]:
@@ -342,14 +334,16 @@ def run_report(
     data_root: Path | str | None = None,
     rerun: bool = False,
     workers: int | None = None,
+    executor: ExecutorConfig | None = None,
 ) -> tuple[Path, list[dict]]:
     """Run every notebook of the report and write its folder; returns (index.md, the failed runs).
 
     `course=False` runs only the grid and notebook 08; `data_root` replaces the preset's data set; `rerun`
     executes every notebook even if an identical run finished (after changing labkit's code, say); `workers`
-    notebooks run at once (default `REPORT_WORKERS`, at most the cores; 1: one after another)."""
-    import torch
-
+    notebooks run at once (default `REPORT_WORKERS`, at most the cores; 1: one after another; on an existing dask
+    cluster, its workers' threads); `executor` where they run (`labkit.report.executors`: spawned processes by
+    default, or dask.distributed). Notebook 08 always runs here, last."""
+    executor = (executor or ExecutorConfig()).check()
     config = get_preset(preset)  # fail fast on an unknown preset, before any work
     out = Path(out).resolve() if out else project_root() / "reports" / preset  # notebooks run in notebooks/
     runs = _grid_runs(Path(grid) if grid else default_grid(preset), preset, out)  # a bad grid file stops here
@@ -359,7 +353,8 @@ def run_report(
     start = time.perf_counter()
     data = str(Path(data_root).resolve()) if data_root else str(ensure_dataset(config, progress))
     runs = (course_runs(preset, data) if course else []) + _with_data(runs, data)
-    workers = max(1, workers) if workers is not None else min(REPORT_WORKERS, os.cpu_count() or 1)
+    workers = max(1, workers) if workers is not None else None
+    default_workers = min(REPORT_WORKERS, os.cpu_count() or 1)
     bar = tqdm(total=len(runs) + 1, desc="report", unit="run", disable=not progress)
     running: list[str] = []  # the bar's postfix: the runs executing now
 
@@ -375,6 +370,8 @@ def run_report(
     # Finished runs are reused here: a report with nothing to run starts no worker (each imports torch: seconds).
     results = [None if rerun else _reused(run, out) for run in runs]
     bar.update(len(runs) - results.count(None))
+    # The notebooks' text quotes the tiny preset; at another one their claims report differences instead of failing.
+    os.environ[REPORT_PRESET_ENV] = preset
     with fixed_threads(REPORT_THREADS):  # set before the pool starts: its workers, and the kernels, inherit it
         execute = functools.partial(_execute, out=out)
         # longest first (as the last report timed them), so that no long run starts while the other worker idles
@@ -382,7 +379,11 @@ def run_report(
         todo = sorted(
             (run for run, result in zip(runs, results) if result is None), key=lambda r: -last.get(r.run_id, 0)
         )
-        executed = schedule(todo, execute, workers, generation_group, started, finished, pool=_notebook_pool)
+        executed, at_once, pool_workers = [], workers or default_workers, workers or default_workers
+        if todo:  # a report with nothing to run starts no worker and no cluster
+            lost = functools.partial(_lost, out=out)
+            pool, at_once, pool_workers = open_pool(executor, workers, default_workers, REPORT_THREADS, lost)
+            executed = schedule(todo, execute, at_once, generation_group, started, finished, pool=lambda _: pool)
         by_id = {run.run_id: result for run, result in zip(todo, executed)}
         results = [result if result is not None else by_id[run.run_id] for run, result in zip(runs, results)]
         final = GridRun(
@@ -406,12 +407,14 @@ def run_report(
         "preset": preset,
         "git_commit": git_commit(),
         "packages": package_versions(),
-        "device": "cuda" if torch.cuda.is_available() else "cpu",
+        "device": default_device().type,  # `labkit report --device` (LABKIT_DEVICE), which the kernels use
         "machine": {
             "cpu": cpu_model(),
             "cores": os.cpu_count(),
             "notebook_threads": REPORT_THREADS,
-            "notebook_workers": workers,
+            "notebook_workers": at_once,
+            "executor": executor.name,
+            "executor_workers": pool_workers,
         },
         "wall_seconds": round(time.perf_counter() - start, 2),  # this invocation (seconds when it reused runs)
         # what the notebooks took when they were executed, reused ones included: the cost of making the report

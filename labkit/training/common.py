@@ -11,13 +11,14 @@ from __future__ import annotations
 
 import json
 import shutil
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch
 
 from labkit.core.artifacts import build_command
 from labkit.core.atomic import write_text
+from labkit.core.devices import default_device, mixed_precision, resolve_device
 from labkit.core.errors import ParameterError
 from labkit.core.paths import artifacts_folder, checkpoints_folder, portable_path, quick_folder
 from labkit.core.presets import Preset
@@ -43,6 +44,8 @@ class StageRun:
     resume: bool = True  # continue from the run's last checkpoint when its settings are the same
     progress: bool = True  # tqdm bars
     stop_after: int | None = None  # interrupt after this many steps (checkpoint written, no artifact): tests use it
+    device: str | None = None  # "auto" (None: $LABKIT_DEVICE, else auto), "cpu" or "cuda" (`labkit.core.devices`)
+    precision: str | None = None  # "auto" (None: bf16 autocast on CUDA, fp32 on CPU), "fp32" or "bf16"
 
     def __post_init__(self) -> None:
         if not isinstance(self.preset, Preset):
@@ -56,7 +59,12 @@ class StageRun:
 
     def plan(self, table: dict[str, Schedule], steps: int | None = None) -> Schedule:
         """This run's schedule from a stage's table (`steps` overrides `self.steps`, for a stage's second model)."""
-        return pick_schedule(table, self.schedule, steps if steps is not None else self.steps)
+        plan = pick_schedule(table, self.schedule, steps if steps is not None else self.steps)
+        return replace(plan, mixed_precision=mixed_precision(self.torch_device(), self.precision))
+
+    def torch_device(self) -> torch.device:
+        """The device this run trains on (a ParameterError naming --device for `cuda` without a GPU)."""
+        return resolve_device(self.device) if self.device is not None else default_device()
 
     def data(self) -> Path:
         return Path(self.data_root) if self.data_root else ensure_dataset(self.preset, self.progress)
@@ -80,6 +88,7 @@ class StageRun:
             progress=self.progress,
             desc=desc,
             stop_after=self.stop_after,
+            device=self.torch_device(),
         )
 
     def interrupted(self, plan: Schedule) -> bool:

@@ -4,8 +4,11 @@ What a student sees: a tqdm bar with the loss. What it guarantees:
 - the batch of step t is a pure function of (seed, t), and Accelerate's checkpoint holds model, optimizer,
   scheduler and RNG states, so a run killed at any point and resumed ends where an uninterrupted run ends;
 - checkpoints are written to a temporary folder and renamed into place: never half-written;
-- the same code runs single-process on a CPU or multi-process (`accelerate launch --num_processes 2 --cpu`),
-  each process taking its share of the step's batch.
+- the same code runs single-process on a CPU or a GPU, or multi-process (`accelerate launch --num_processes 2
+  --cpu`, or on GPUs with `configs/accelerate/`), each process taking its share of the step's batch;
+- batches are built on the CPU (a pure function of the step) and sent to the device here, so a stage's
+  `make_batch` never has to know where the model is; on CUDA the step runs under bf16 autocast and evaluation in
+  fp32 (`labkit.core.devices`).
 
 The learning-rate schedule is the official one (`src/train/schedular.py`): linear warm-up, then cosine decay
 to a floor of `min_lr_ratio` times the peak.
@@ -23,13 +26,16 @@ from typing import Any, Callable
 
 import torch
 from accelerate import Accelerator
+from accelerate.utils import send_to_device
 from tqdm.auto import tqdm
 
 from labkit.core.atomic import replace_directory, write_text
+from labkit.core.devices import default_device
 from labkit.core.errors import ParameterError
 
 CHECKPOINT = "checkpoint"
 STATE = "trainer_state.json"
+THROUGHPUT = "throughput.json"  # device, precision, steps/s, tokens/s, peak GPU memory of the last run (workdir)
 
 
 @dataclass(frozen=True)
@@ -47,7 +53,8 @@ class Schedule:
     grad_clip: float = 1.0
     checkpoint_every: int = 100
     eval_every: int = 100
-    mixed_precision: str = "no"  # "bf16" autocasts; "no" keeps fp32 (exactly reproducible on CPU)
+    # "bf16" autocasts; "no" keeps fp32 (exactly reproducible on CPU). Set by `StageRun.plan` from the device.
+    mixed_precision: str = "no"
 
     def with_steps(self, steps: int | None) -> Schedule:
         """The one rule for `--steps`: this schedule cut (or stretched) to `steps`, warm-up at most a tenth of it,
@@ -108,16 +115,17 @@ def train(
     desc: str = "train",
     accelerator: Accelerator | None = None,
     stop_after: int | None = None,
+    device: torch.device | None = None,
 ) -> TrainResult:
     """Train `model` for `schedule.steps` steps; `make_batch(step, rows)` builds the rows of step `step`.
 
+    `device`: where to train (default `labkit.core.devices.default_device()`); the precision is the schedule's.
     `stop_after` ends the run early (after that many steps in total, checkpoint written) - tests use it to
     simulate an interruption.
     """
     workdir = Path(workdir)
-    accelerator = accelerator or Accelerator(
-        cpu=not torch.cuda.is_available(), mixed_precision=schedule.mixed_precision
-    )
+    device = device or default_device()
+    accelerator = accelerator or Accelerator(cpu=device.type == "cpu", mixed_precision=schedule.mixed_precision)
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(
         trainable, lr=schedule.lr, betas=schedule.betas, eps=schedule.eps, weight_decay=schedule.weight_decay
@@ -142,10 +150,15 @@ def train(
         initial=start_step,
         total=schedule.steps,
     )
+    tokens = 0
+    if accelerator.device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(accelerator.device)
     for step in bar:
         model.train()
+        batch = send_to_device(make_batch(step, rows), accelerator.device)
+        tokens += _token_count(batch)
         with accelerator.autocast():
-            loss, logs = loss_fn(model, make_batch(step, rows))
+            loss, logs = loss_fn(model, batch)
         optimizer.zero_grad(set_to_none=True)
         accelerator.backward(loss)
         if schedule.grad_clip:
@@ -166,13 +179,44 @@ def train(
         if done % schedule.checkpoint_every == 0 or done == last:
             _save_checkpoint(accelerator, checkpoint, {"step": done, "history": history})
     bar.close()
+    seconds = time.perf_counter() - begin
+    if accelerator.is_main_process:
+        _write_throughput(workdir / THROUGHPUT, accelerator, schedule, last - start_step, tokens, seconds)
     final = {k: v for k, v in history[-1].items() if k not in ("step", "lr")} if history else {}
-    return TrainResult(history, final, start_step, time.perf_counter() - begin, accelerator.is_main_process)
+    return TrainResult(history, final, start_step, seconds, accelerator.is_main_process)
+
+
+def _token_count(batch: Any) -> int:
+    """Token positions this process trains on in a step: an MLLM batch's `input_ids`, an LM batch of ids; 0 for
+    image batches (their throughput is steps/s)."""
+    ids = getattr(batch, "input_ids", batch)
+    return ids.numel() if isinstance(ids, torch.Tensor) and not ids.is_floating_point() and ids.ndim == 2 else 0
+
+
+def _write_throughput(
+    path: Path, accelerator: Accelerator, schedule: Schedule, steps: int, tokens: int, seconds: float
+) -> None:
+    """What `benchmarks/gpu_small_pipeline.sh` reports per stage (tokens counted on the main process, times the
+    number of processes)."""
+    cuda = accelerator.device.type == "cuda"
+    record = {
+        "device": torch.cuda.get_device_name(accelerator.device) if cuda else "cpu",
+        "processes": accelerator.num_processes,
+        "mixed_precision": schedule.mixed_precision,
+        "batch_size": schedule.batch_size,
+        "steps": steps,
+        "seconds": round(seconds, 2),
+        "steps_per_second": round(steps / seconds, 3) if seconds > 0 else None,
+        "tokens_per_second": round(tokens * accelerator.num_processes / seconds, 1) if seconds > 0 and tokens else None,
+        "peak_memory_gib": round(torch.cuda.max_memory_allocated(accelerator.device) / 2**30, 3) if cuda else None,
+    }
+    write_text(path, json.dumps(record, indent=1) + "\n")
 
 
 def _evaluate(model: torch.nn.Module, evaluate: Callable[[torch.nn.Module], dict], accelerator: Accelerator) -> dict:
+    """Evaluation in fp32 whatever the training precision: metrics are compared across runs and devices."""
     model.eval()
-    with torch.no_grad(), accelerator.autocast():
+    with torch.no_grad():
         metrics = evaluate(accelerator.unwrap_model(model))
     return {k: float(v) for k, v in metrics.items()}
 

@@ -27,6 +27,7 @@ from torch.nn import functional as F
 
 from labkit.core.artifacts import require, save_artifact, weights_hash
 from labkit.core.atomic import save_torch
+from labkit.core.devices import default_device, to_module_device
 from labkit.core.errors import LabError
 from labkit.core.paths import artifacts_folder, project_root, weights_folder
 from labkit.core.presets import Preset, VisualTokenizerPreset
@@ -45,6 +46,7 @@ from labkit.models.contrastive import (
     retrieval,
 )
 from labkit.models.judges import TEXT_TOKENIZER, JudgeConfig, Judges, augment, judge_hash, load_judges_artifact
+from labkit.models.official_checkpoint import PAPER_FILES
 from labkit.models.visual_tokenizer import VisualTokenizer, load_qwen_vit, load_visual_tokenizer
 from labkit.training.common import StageRun, base_manifest, prepare_workdir, step_generator
 from labkit.training.loop import Schedule
@@ -70,7 +72,8 @@ JUDGE_SCHEDULES = {
     "quick": Schedule(steps=150, batch_size=64, lr=3e-3, warmup=15, checkpoint_every=75, eval_every=150),
     "reference": Schedule(steps=900, batch_size=64, lr=2e-3, warmup=40, checkpoint_every=100, eval_every=150),
 }
-QWEN_WEIGHTS = "qwen_vit_G.pt"  # the paper preset's tokenizer: <weights folder>/qwen_vit_G.pt
+# the paper preset's tokenizer, where the official config reads it: <weights folder>/visual_tokenizer/qwen_vit_G.pt
+QWEN_WEIGHTS = PAPER_FILES["visual_tokenizer"][0]
 
 
 # ---- shared plumbing ------------------------------------------------------------------------------------------
@@ -215,7 +218,7 @@ def load_stage0_tokenizer(preset: Preset) -> VisualTokenizer:
     """The visual tokenizer later stages use: the reference checkpoint, else a quick artifact. Never trains: a
     missing one is a `LabError` naming `labkit train stage0`."""
     if preset.pretrained_weights:
-        return load_qwen_vit(weights_folder() / QWEN_WEIGHTS)
+        return load_qwen_vit(weights_folder() / QWEN_WEIGHTS, preset.visual_tokenizer)
     return VisualTokenizer.from_pretrained(require(NAME, preset.name), preset)
 
 
@@ -225,7 +228,8 @@ def extract_features(tokenizer: VisualTokenizer, frames: torch.Tensor | SplitFra
     images = frames.images if isinstance(frames, SplitFrames) else frames
     flat = images.reshape(-1, *images.shape[-3:])
     tokenizer.eval()
-    out = [tokenizer(to_float(c) if c.dtype == torch.uint8 else c).float() for c in flat.split(batch)]
+    chunks = (to_module_device(tokenizer, c) for c in flat.split(batch))
+    out = [tokenizer(to_float(c) if c.dtype == torch.uint8 else c).float().cpu() for c in chunks]
     features = torch.cat(out) if out else torch.empty(0, tokenizer.num_features, tokenizer.feature_dim)
     return features.reshape(*images.shape[:-3], tokenizer.num_features, tokenizer.feature_dim)
 
@@ -259,7 +263,8 @@ def features_for_split(
     cache = cache_dir / f"{split}-{key}.pt"
     if cache.is_file():
         return torch.load(cache, weights_only=True)
-    features = extract_features(load_stage0_tokenizer(preset), load_frames(data_root, split))
+    tokenizer = load_stage0_tokenizer(preset).to(default_device())  # the Qwen ViT (paper): on the GPU if there is one
+    features = extract_features(tokenizer, load_frames(data_root, split))
     save_torch(features, cache)
     return features
 

@@ -30,6 +30,7 @@ from labkit.core.artifacts import (
     require,
 )
 from labkit.core.atomic import build_directory, write_text
+from labkit.core.devices import to_module_device
 from labkit.core.errors import LabError
 from labkit.core.paths import portable_path, project_root
 from labkit.core.presets import Preset
@@ -118,7 +119,7 @@ def train_vae(run: StageRun, steps: int | None = None) -> dict:
         posterior = model.encode(images).latent_dist
         reconstruction = model.decode(posterior.sample()).sample
         l1, kl = (reconstruction - images).abs().mean(), posterior.kl().mean()
-        perceptual = lpips.model(reconstruction, images, normalize=False).mean()
+        perceptual = lpips.model.to(images.device)(reconstruction, images, normalize=False).mean()  # no-op on CPU
         return l1 + PERCEPTUAL_WEIGHT * perceptual + KL_WEIGHT * kl, {
             "l1": l1.detach(),
             "lpips": perceptual.detach(),
@@ -142,7 +143,10 @@ def train_vae(run: StageRun, steps: int | None = None) -> dict:
     vae.eval()
     with torch.no_grad():  # SD's recipe: scale latents to unit variance (SDXL's VAE: 0.13025)
         latents = torch.cat(
-            [vae.encode(to_float(c)).latent_dist.mean for c in frames[:: max(1, len(frames) // 1024)].split(128)]
+            [
+                vae.encode(to_float(to_module_device(vae, c))).latent_dist.mean.cpu()
+                for c in frames[:: max(1, len(frames) // 1024)].split(128)
+            ]
         )
     vae.register_to_config(scaling_factor=round(1.0 / float(latents.std()), 5))
     test = EvalFrames.from_split(data_root, "test")
@@ -175,7 +179,8 @@ def train_vae(run: StageRun, steps: int | None = None) -> dict:
 @torch.no_grad()
 def reconstruct(vae: AutoencoderKL, images: torch.Tensor, batch: int = 128) -> torch.Tensor:
     """uint8 frames -> their VAE reconstructions (posterior mean), uint8."""
-    out = [vae.decode(vae.encode(to_float(c)).latent_dist.mean).sample for c in images.split(batch)]
+    chunks = (to_float(to_module_device(vae, c)) for c in images.split(batch))
+    out = [vae.decode(vae.encode(c).latent_dist.mean).sample.cpu() for c in chunks]
     return torch.cat(out).clamp(-1, 1).add(1).mul(127.5).round().to(torch.uint8)
 
 

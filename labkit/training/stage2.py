@@ -11,12 +11,16 @@ weights), with a higher learning rate (1e-3 instead of 1e-4) and far fewer steps
 
 The artifact holds the resamplers in `model.safetensors` and the language model as a plain transformers folder,
 `llm/` (`config.json`, `model.safetensors`, `tokenizer.json`): `LlamaForCausalLM.from_pretrained(<mllm>/llm)`.
+
+At the `paper` preset the same function trains LoRA on the frozen Llama-2-7B read from the weights folder, with
+Llama-2's tokenizer and the official schedule (`labkit.training.stage2_lora`); its `llm/` is a peft adapter.
 """
 
 from __future__ import annotations
 
 import random
 import time
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -31,7 +35,7 @@ from labkit.core.artifacts import (
     require,
     save_artifact,
 )
-from labkit.core.errors import LabError, ParameterError
+from labkit.core.errors import ParameterError
 from labkit.core.paths import portable_path, weights_folder
 from labkit.core.presets import Preset
 from labkit.data.frames import load_frames
@@ -41,7 +45,7 @@ from labkit.data.storystream_mini import load_tokenizer, open_split
 from labkit.data.text_tokenizer import StoryTokenizer
 from labkit.inference.attention import SINK_SKIP, multimodal_bos_ratios, plain_bos_ratios, sink_summary
 from labkit.models.mllm import MLLMBatch, SeedStoryMLLM, collate
-from labkit.models.official_checkpoint import require_paper_weights
+from labkit.training import stage2_lora
 from labkit.training.common import StageRun, base_manifest, prepare_workdir
 from labkit.training.lm import caption_probe, load_lm
 from labkit.training.loop import Schedule
@@ -159,8 +163,14 @@ def build_model(preset: Preset, tokenizer: StoryTokenizer, seed: int = SEED) -> 
 
 def load_mllm(folder: Path | str, preset: Preset) -> tuple[SeedStoryMLLM, StoryTokenizer, dict]:
     """A trained MLLM artifact with the text tokenizer it was trained with; refused if made for another
-    preset or other sizes."""
+    preset or other sizes. A LoRA artifact (the paper preset) reads its frozen body from the weights folder."""
     checked_manifest(folder, NAME, preset.name)  # a missing manifest or damaged weights: the clearest thing to report
+    if preset.mllm.lora is not None:
+        tokenizer = stage2_lora.load_tokenizer_files(Path(folder) / TOKENIZER)
+        state, manifest = load_artifact(folder, NAME, preset.name, mllm_config_hash(preset, tokenizer.vocab_size))
+        model = stage2_lora.load_lora_mllm(Path(folder), preset, tokenizer, weights_folder())
+        model.load_state_dict(state, strict=False)  # the resamplers; the LLM's tensors came from the adapter
+        return model.eval(), tokenizer, manifest
     tokenizer = StoryTokenizer.from_pretrained(Path(folder) / TOKENIZER)
     state, manifest = load_artifact(folder, NAME, preset.name, mllm_config_hash(preset, tokenizer.vocab_size))
     llm_state = load_file(str(Path(folder) / LLM / WEIGHTS))
@@ -219,15 +229,14 @@ def train_stage2(
     """Train the MLLM on frozen visual-tokenizer features, starting from the pre-trained LM (`lm_folder`, default
     the `lm` artifact); write its artifact; return the manifest."""
     config, schedule, resume, stop_after = run.preset, run.schedule, run.resume, run.stop_after
-    if config.mllm.lora is not None:  # the paper preset: real Llama-2-7B weights, checked before any work
-        require_paper_weights(weights_folder(), ("llama", "visual_tokenizer"))
-        raise LabError(
-            "stage 2 at the paper preset needs multi-GPU training that this lab does not run yet; "
-            "`labkit info --preset paper` shows its architecture, and the small preset trains on one GPU"
-        )
+    lora = config.mllm.lora is not None  # the paper preset: LoRA on the Llama-2-7B of the weights folder
+    stage2_lora.refuse_fsdp()
+    if lora:
+        weights = weights_folder()
+        stage2_lora.require_lora_weights(weights)  # before any work
     if sampler not in SAMPLERS:
         raise ParameterError("--sampler", f"unknown sampler {sampler!r}; choose one of {', '.join(SAMPLERS)}")
-    plan = run.plan(SCHEDULES)
+    plan = run.plan(stage2_lora.SCHEDULES if lora else SCHEDULES)
     data_root = run.data()
     out, workdir = run.folders(NAME)
     prepare_workdir(
@@ -243,31 +252,41 @@ def train_stage2(
         resume,
     )
     start = time.perf_counter()
-    tokenizer = load_tokenizer(data_root)
+    tokenizer = stage2_lora.lora_tokenizer(weights) if lora else load_tokenizer(data_root)
     chunk_length = config.data.chunk_length
-    train_chunks = StoryChunks.from_split(
-        load_frames(data_root, "train").captions, features_for_split(config, "train", data_root), chunk_length
-    )
-    val_chunks = StoryChunks.from_split(
-        load_frames(data_root, "val").captions, features_for_split(config, "val", data_root), chunk_length
-    )
-    model = build_model(config, tokenizer, seed)
-    lm_folder = Path(lm_folder) if lm_folder is not None else require("lm", config.name)
-    lm_manifest = start_from_lm(model, config, tokenizer, lm_folder)
+    # at the paper preset the main process runs the ViT over the frames once and the others read its feature cache
+    with stage2_lora.process_state(run.torch_device()).main_process_first() if lora else nullcontext():
+        train_chunks = StoryChunks.from_split(
+            load_frames(data_root, "train").captions, features_for_split(config, "train", data_root), chunk_length
+        )
+        val_chunks = StoryChunks.from_split(
+            load_frames(data_root, "val").captions, features_for_split(config, "val", data_root), chunk_length
+        )
+    if lora:
+        device = stage2_lora.process_state(run.torch_device()).device
+        model = stage2_lora.build_lora_mllm(config, tokenizer, weights, seed, device)
+        lm_folder, lm_manifest = weights / stage2_lora.LLAMA, {}
+    else:
+        model = build_model(config, tokenizer, seed)
+        lm_folder = Path(lm_folder) if lm_folder is not None else require("lm", config.name)
+        lm_manifest = start_from_lm(model, config, tokenizer, lm_folder)
     batches = validation_batches(val_chunks, tokenizer, config)
-    initial = evaluate(model.eval(), batches, tokenizer)
+    # the attention-sink probes label `[INST]` by its one id: the lab's BPE tokenizer, not Llama-2's
+    sinks = tokenizer if isinstance(tokenizer, StoryTokenizer) else None
+    initial = evaluate(model.eval(), batches, sinks)
     result = run.fit(
         model,
         make_batch_fn(train_chunks, tokenizer, config, sampler, seed),
         lambda m, b: _loss(m, b),
         plan,
         workdir,
-        evaluate=lambda m: evaluate(m, batches, tokenizer),
+        evaluate=lambda m: evaluate(m, batches, sinks),
         desc=f"stage 2 ({schedule})",
     )
+    replicas = stage2_lora.replica_digests(model) if lora else None  # every process, before any return
     if run.interrupted(plan):
-        return {"interrupted_at": stop_after}
-    final = evaluate(model.eval(), batches, tokenizer)
+        return {"interrupted_at": stop_after, **({"replica_digests": replicas} if lora else {})}
+    final = evaluate(model.eval(), batches, sinks)
     val_captions = [list(record.captions) for record in open_split(data_root, "val").records]
     captions = caption_probe(tokenizer, val_captions)
     manifest = {
@@ -293,12 +312,18 @@ def train_stage2(
             "skip": SINK_SKIP,
             "captions_before_stage2": lm_manifest.get("bos_ratio", {}).get("captions"),
             "captions_after_stage2": plain_bos_ratios(model.causal_lm, captions, tokenizer.pad_id),
-            "multimodal_after_stage2": multimodal_bos_ratios(model, batches[0], tokenizer),
+            "multimodal_after_stage2": multimodal_bos_ratios(model, batches[0], sinks) if sinks else None,
         },
         "history": _thin(result.history),
     }
+    if lora:  # one digest per data-parallel process: they must be equal (tests/training/test_accelerate_paper_lora.py)
+        manifest["replica_digests"] = replicas
 
     def extra_files(folder: Path) -> None:
+        if lora:  # the tokenizer's two source files and the peft adapter, never the 7B body
+            stage2_lora.save_tokenizer_files(weights, folder / TOKENIZER)
+            stage2_lora.save_lora_llm(model, folder / LLM)
+            return
         tokenizer.save_pretrained(folder / TOKENIZER)
         save_llm_folder(model, tokenizer, folder / LLM, half=schedule == "reference")
 

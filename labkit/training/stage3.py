@@ -27,6 +27,7 @@ import torch
 
 from labkit.core.artifacts import require, weights_hash
 from labkit.core.atomic import save_torch
+from labkit.core.devices import default_device, module_device
 from labkit.core.errors import ParameterError
 from labkit.core.paths import artifacts_folder, portable_path
 from labkit.core.presets import Preset
@@ -116,7 +117,8 @@ def compute_regressed(
             segment = captions[story][start : start + j + 1]
             layouts.append(build_layout(segment, tokenizer, model.num_queries, (j,), (j,)))
             inputs.append(features[story, start : start + j + 1])
-        out.append(model(collate(layouts, inputs, tokenizer.pad_id)).regressed.float())
+        batch = collate(layouts, inputs, tokenizer.pad_id).to(module_device(model))
+        out.append(model(batch).regressed.float().cpu())
     return RegressedPairs(
         torch.cat(out), torch.tensor([s for s, _, _ in jobs]), torch.tensor([s + j for _, s, j in jobs])
     )
@@ -134,6 +136,7 @@ def regressed_pairs(preset: Preset, split: str, data_root: Path | str, progress:
     if cache.is_file():
         return RegressedPairs(**torch.load(cache, weights_only=True))
     model, tokenizer, _ = load_mllm(folder, preset)
+    model.to(default_device())  # every training pair goes through the MLLM once: on the GPU when there is one
     pairs = compute_regressed(
         model,
         tokenizer,

@@ -78,7 +78,7 @@ def test_bad_grid_files_are_refused_naming_the_file(tmp_path, text, message):
 
 def test_the_committed_grids_load_and_name_only_declared_parameters():
     notebook = project_root() / "notebooks" / "07_long_story_ablation.ipynb"
-    for name in ("tiny.yaml", "tiny-full.yaml"):
+    for name in ("tiny.yaml", "tiny-full.yaml", "small.yaml"):
         runs = load_grid(project_root() / "grids" / name)
         assert runs and all(
             undeclared_parameters(notebook, {**r.parameters, "out_dir": "x", "data_dir": "y"}) == [] for r in runs

@@ -108,7 +108,7 @@ def test_callbacks_run_in_the_calling_thread_and_an_error_propagates(tmp_path):
 
 
 def test_a_spawned_process_pool_runs_them_too(tmp_path):
-    # what `labkit report` uses (`labkit.report.run._notebook_pool`); the fake is pickled by reference
+    # what `labkit report` uses (`labkit.report.executors.notebook_pool`); the fake is pickled by reference
     runs = [cell("dense", "full"), cell("dense", "off"), cell("sink")]
     pool = partial(ProcessPoolExecutor, mp_context=multiprocessing.get_context("spawn"))
     results = schedule(runs, partial(fake_execute, log=tmp_path, seconds=0.1), 2, generation_group, pool=pool)

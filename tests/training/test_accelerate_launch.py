@@ -1,4 +1,4 @@
-"""Stage 2 through `accelerate launch --num_processes 2 --cpu`: the same code, two CPU processes (DDP, gloo)."""
+"""Stage 2 through `torchrun --nproc_per_node 2`: the same code, two CPU processes (Accelerate's DDP over gloo)."""
 
 from __future__ import annotations
 
@@ -17,19 +17,14 @@ pytestmark = pytest.mark.slow  # trains or launches processes: `make test` runs 
 def test_two_cpu_processes_run_a_short_stage2_job(tmp_path):
     sample = project_root() / "data_samples" / "storystream-mini"
     out = tmp_path / "mllm"
+    # torchrun, not `accelerate launch --cpu --num_processes 2`: without mpirun the latter starts one process
     command = [
         sys.executable,
         "-m",
-        "accelerate.commands.launch",
-        "--num_processes",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node",
         "2",
-        "--num_machines",
-        "1",
-        "--cpu",
-        "--mixed_precision",
-        "no",
-        "--dynamo_backend",
-        "no",
         "-m",
         "labkit.cli.main",
         "train",
@@ -49,3 +44,5 @@ def test_two_cpu_processes_run_a_short_stage2_job(tmp_path):
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["stage"] == "stage2" and manifest["history"][-1]["step"] == 2
     assert (out / "model.safetensors").is_file() and (out / "tokenizer" / "tokenizer.json").is_file()
+    throughput = json.loads((out.with_name(f".{out.name}.run") / "throughput.json").read_text())
+    assert throughput["processes"] == 2  # really two ranks, each training its half of the batch

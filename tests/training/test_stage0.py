@@ -201,7 +201,7 @@ def test_missing_paper_weights_name_the_path(tmp_path, monkeypatch):
     with pytest.raises(LabError, match=re.escape(str(tmp_path / "nowhere" / "qwen_vit_G.pt"))):
         load_qwen_vit(tmp_path / "nowhere" / "qwen_vit_G.pt")
     monkeypatch.setenv("LABKIT_WEIGHTS", str(tmp_path))
-    with pytest.raises(LabError, match=re.escape(str(tmp_path / "qwen_vit_G.pt"))):
+    with pytest.raises(LabError, match=re.escape(str(tmp_path / "visual_tokenizer" / "qwen_vit_G.pt"))):
         stage0.load_stage0_tokenizer(get_preset("paper"))
     with pytest.raises(LabError, match="pretrained ViT-bigG"):
         stage0.train_stage0(StageRun(get_preset("paper")))
