@@ -125,7 +125,7 @@ def train(
     """
     workdir = Path(workdir)
     device = device or default_device()
-    accelerator = accelerator or Accelerator(cpu=device.type == "cpu", mixed_precision=schedule.mixed_precision)
+    accelerator = accelerator or _accelerator(device, schedule.mixed_precision)
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(
         trainable, lr=schedule.lr, betas=schedule.betas, eps=schedule.eps, weight_decay=schedule.weight_decay
@@ -184,6 +184,19 @@ def train(
         _write_throughput(workdir / THROUGHPUT, accelerator, schedule, last - start_step, tokens, seconds)
     final = {k: v for k, v in history[-1].items() if k not in ("step", "lr")} if history else {}
     return TrainResult(history, final, start_step, seconds, accelerator.is_main_process)
+
+
+def _accelerator(device: torch.device, mixed_precision: str) -> Accelerator:
+    """An Accelerator for `device` and `mixed_precision`. Accelerate keeps one state per process and refuses another
+    precision once it is set; a kernel that trains in fp32 and then in bf16 (a notebook, the tests) would fail,
+    so a single-process state of another precision is reset. A multi-process state is never touched (one run
+    there has one precision)."""
+    from accelerate.state import AcceleratorState
+
+    state = AcceleratorState._shared_state
+    if state and state.get("_mixed_precision") != mixed_precision and AcceleratorState().num_processes == 1:
+        AcceleratorState._reset_state()
+    return Accelerator(cpu=device.type == "cpu", mixed_precision=mixed_precision)
 
 
 def _token_count(batch: Any) -> int:

@@ -110,6 +110,9 @@ def test_the_cli_refuses_a_device_it_cannot_use_with_exit_2_before_any_work(argv
 @pytest.mark.slow
 def test_a_stage_trains_under_bf16_autocast_and_keeps_fp32_weights(tmp_path, monkeypatch):
     monkeypatch.setenv(DEVICE_ENV, "auto")  # recorded, so that teardown removes what the test sets
+    from accelerate import Accelerator
+
+    Accelerator(cpu=True, mixed_precision="no")  # an fp32 run earlier in this process (a notebook, other tests)
     out = tmp_path / "lm"
     run = StageRun(TINY, steps=3, data_root=SAMPLE, out=out, progress=False, device="cpu", precision="bf16")
     manifest = train_lm(run)
