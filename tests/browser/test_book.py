@@ -9,10 +9,13 @@ page shows a figure; the student-notebook page links every file of course/studen
 The landing page's screenshot goes to reports/screenshots/book.png.
 
 The site needs the executed notebooks. Those of `make report` (reports/tiny/executed/, git-ignored) are used when
-they are there and current (each one's stamp matches its notebook in notebooks/); the others (a fresh clone: all)
-are executed with their default parameters (live training off, as in the report) into a temporary folder, two at
-a time (build_book.execute_notebooks: about 4 minutes for all on two cores), once per session. BOOK_EXECUTE=1
-executes them all whatever the report holds. Which way it went, and how long execution took, is printed.
+they are there and current (each one's stamp matches its notebook in notebooks/). The others (a fresh clone: all)
+come from nbval when `make test` ran it over notebooks/ in the same session (tests/conftest.py keeps what its
+kernels printed and drew and moves this test after them; those ran with every default, so the stage notebooks
+show live training where the report shows the reference checkpoints). What is still missing is executed with its
+default parameters (live training off, as in the report) into a temporary folder, two at a time
+(build_book.execute_notebooks: about 4 minutes for all on two cores), once per session. BOOK_EXECUTE=1 executes
+them all whatever the report holds. Which way it went, and how long execution took, is printed.
 """
 
 from __future__ import annotations
@@ -40,6 +43,8 @@ SHOTS = ROOT / "reports" / "screenshots"
 sys.path.insert(0, str(ROOT / "book"))
 
 import build_book  # noqa: E402  (book/ is not a package: the build script lives there)
+
+NBVAL_NOTEBOOKS = "labkit-nbval-notebooks"  # tests/conftest.py registers it: the notebooks nbval executed
 
 # After load: every image made eager and awaited (a lazy one below the fold would never load), then the page's
 # links, images and ids (anchor targets).
@@ -76,7 +81,8 @@ def _say(config, text: str) -> None:
 @pytest.fixture(scope="session")
 def executed_notebooks(request, tmp_path_factory):
     """The folder of executed notebooks the site is built from: the report's when all are current, else a
-    temporary one with the current ones copied and the others (all, under BOOK_EXECUTE=1) executed."""
+    temporary one with the current ones copied, those nbval ran whole in this session written, and the others
+    (all, under BOOK_EXECUTE=1) executed."""
     report = build_book.executed_folder("tiny")
     force = os.environ.get("BOOK_EXECUTE", "") not in ("", "0")
     stale = list(build_book.REPORT_NOTEBOOKS) if force else build_book.stale_notebooks(report)
@@ -88,6 +94,13 @@ def executed_notebooks(request, tmp_path_factory):
         if name not in stale:
             for suffix in (".ipynb", ".json"):
                 shutil.copy2(report / f"{name}{suffix}", folder / f"{name}{suffix}")
+    nbval = request.config.pluginmanager.get_plugin(NBVAL_NOTEBOOKS)
+    from_nbval = [] if force or nbval is None else [name for name in stale if _write_nbval_run(nbval, name, folder)]
+    if from_nbval:
+        _say(request.config, f"book: {len(from_nbval)} notebook(s) as nbval executed them in this session")
+        stale = [name for name in stale if name not in from_nbval]
+    if not stale:
+        return folder
     why = "BOOK_EXECUTE is set" if force else f"{report} lacks or holds out of date {len(stale)} of them"
     _say(request.config, f"book: executing {len(stale)} notebook(s) into {folder} ({why}): minutes")
     start = time.perf_counter()
@@ -101,6 +114,19 @@ def executed_notebooks(request, tmp_path_factory):
         f"({sum(seconds.values()):.0f} s of notebook time, {build_book.EXECUTE_WORKERS} at a time)",
     )
     return folder
+
+
+def _write_nbval_run(nbval, name: str, folder) -> bool:
+    """Write `name` as this session's nbval run of its notebook executed it (default parameters: the stage
+    notebooks train live, where the report's pages show the reference checkpoints); False when nbval did not run
+    it whole."""
+    import nbformat
+
+    notebook = nbval.executed(build_book.source_notebook(name))
+    if notebook is None:
+        return False
+    nbformat.write(notebook, str(folder / f"{name}.ipynb"))
+    return True
 
 
 @pytest.fixture(scope="module")

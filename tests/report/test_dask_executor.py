@@ -19,7 +19,8 @@ from labkit.report.run import run_report
 
 SAMPLE = project_root() / "data_samples" / "storystream-mini"
 CELL = "07_long_story_ablation-policy={}"
-# the smallest cells notebook 07 runs (one story, 3 segments, 2 Euler steps): a kernel's start dominates
+# the smallest cells notebook 07 runs (one story, 3 segments, 2 Euler steps): a kernel's start dominates; the same
+# as the session's sequential report (tests/report/conftest.py), which also holds three runs that fail
 TINY_CELLS = "parameters: {segments: 3, stories: 1, sample_steps: 2, adaptation: full, seeds: 1}"
 
 
@@ -43,16 +44,6 @@ def timed_report(out, grid, **options) -> tuple[dict, list[dict], float]:
 
 def by_run(summary: dict) -> dict[str, dict]:
     return {r["run"]: r for r in summary["runs"]}
-
-
-@pytest.fixture(scope="module")
-def sequential(tmp_path_factory):
-    """The 4-cell grid run as today, one notebook after another (the reference for both dask tests)."""
-    folder = tmp_path_factory.mktemp("sequential")
-    grid = grid_file(folder, ["dense", "window", "sink", "mm-sink"])
-    summary, failed, seconds = timed_report(folder / "report", grid, workers=1)
-    assert failed == [] and summary["machine"]["executor"] == "processes"
-    return grid, summary, seconds
 
 
 @pytest.fixture(scope="module")
@@ -101,16 +92,17 @@ def kill_when_running(client, cell: str, partial, log: list, stop: threading.Eve
 
 @pytest.mark.slow
 def test_a_4_cell_grid_on_a_2_worker_cluster_has_the_sequential_metrics_even_when_a_worker_dies(
-    sequential, cluster, tmp_path
+    sequential_report, cluster, tmp_path
 ):
     """One report on a 2-worker LocalCluster reached by its address (`--scheduler`), the worker running `sink` killed
     mid-notebook: that cell alone fails and the three others have the sequential run's metrics. The command again,
     with `--executor dask`'s own LocalCluster, runs only the lost cell (the others are reused): then every cell and
     table equals the sequential run's. (The wall-time ratio dask/sequential is measured by hand: BENCHMARKS.md.)"""
     address, client = cluster
-    grid, reference, _ = sequential
+    reference = sequential_report.summary  # the same four cells, one after another (and three failing runs)
     expected = by_run(reference)
     cells = [CELL.format(policy) for policy in ("dense", "window", "sink", "mm-sink")]
+    grid = grid_file(tmp_path, ["dense", "window", "sink", "mm-sink"])
     victim = CELL.format("sink")
     out = tmp_path / "report"
     killed: list[int] = []
@@ -146,6 +138,7 @@ def test_a_4_cell_grid_on_a_2_worker_cluster_has_the_sequential_metrics_even_whe
         assert runs[cell]["metrics"] == expected[cell]["metrics"], cell
     assert summary["table2"] == reference["table2"]
     assert set(summary) == set(reference) and all(set(runs[r]) - {"status"} <= set(expected[r]) for r in runs)
+    assert expected[CELL.format("nosuch")]["status"] == "failed"  # the reference's own failures stayed its own
 
 
 # ---- the command line ------------------------------------------------------------------------------------

@@ -27,6 +27,10 @@ from labkit.report.run import run_report
 TINY = get_preset("tiny")
 
 SAMPLE = project_root() / "data_samples" / "storystream-mini"
+CELL, POLICIES = (
+    "07_long_story_ablation-policy={}",
+    ["dense", "window", "sink", "mm-sink"],
+)  # as tests/report/conftest.py
 
 
 def write(path, text):
@@ -185,23 +189,15 @@ def test_table2_uses_the_adapted_detokenizer_and_table4_compares_modes():
 
 
 @pytest.mark.slow
-def test_report_lists_failed_runs_completes_the_rest_and_reuses_finished_ones(tmp_path, capsys):
-    grid = write(
-        tmp_path / "g.yaml",
-        "blocks:\n"
-        "  - notebook: 07_long_story_ablation.ipynb\n    axes: {policy: [mm-sink, nosuch]}\n"
-        "    parameters: {segments: 3, stories: 1, sample_steps: 2, adaptation: full}\n"
-        "  - notebook: 99_missing.ipynb\n  - notebook: 07_long_story_ablation.ipynb\n    axes: {polcy: [dense]}\n",
-    )
-    out = tmp_path / "report"
-    code = main(["report", "--grid", str(grid), "--out", str(out), "--grid-only", "--data", str(SAMPLE), "--quiet"])
-    err = capsys.readouterr().err
-    assert code == 1
-    summary = json.loads((out / "summary.json").read_text())
-    status = {r["run"]: r for r in summary["runs"]}
-    assert status["07_long_story_ablation-policy=mm-sink"]["status"] == "ok"
-    assert status["07_long_story_ablation-policy=mm-sink"]["metrics"]["overall"]["fid"] is not None
-    bad_policy = status["07_long_story_ablation-policy=nosuch"]
+def test_report_lists_failed_runs_completes_the_rest_and_reuses_finished_ones(sequential_report):
+    """The session's sequential report (tests/report/conftest.py): four good cells, three that fail."""
+    report = sequential_report
+    assert report.code == 1
+    status = report.runs()
+    for policy in POLICIES:
+        assert status[CELL.format(policy)]["status"] == "ok", policy
+    assert status[CELL.format("mm-sink")]["metrics"]["overall"]["fid"] is not None
+    bad_policy = status[CELL.format("nosuch")]
     assert (
         bad_policy["status"] == "failed"
         and "nosuch" in bad_policy["error"]
@@ -210,18 +206,16 @@ def test_report_lists_failed_runs_completes_the_rest_and_reuses_finished_ones(tm
     assert status["99_missing"]["status"] == "failed" and "notebook not found" in status["99_missing"]["error"]
     assert "polcy" in status["07_long_story_ablation-polcy=dense"]["error"]
     assert status["08_report"]["status"] == "ok"
-    assert "FAILED 07_long_story_ablation-policy=nosuch" in err
-    index = (out / "index.md").read_text()
-    assert "3 run(s) failed" in index and "Table 2" in index and (out / "index.html").is_file()
-    assert set(summary) >= {"preset", "git_commit", "packages", "wall_seconds", "runs", "table2", "table4", "findings"}
+    assert f"FAILED {CELL.format('nosuch')}" in report.stderr
+    index = (report.out / "index.md").read_text()
+    assert "3 run(s) failed" in index and "Table 2" in index and (report.out / "index.html").is_file()
+    assert set(report.summary) >= {"preset", "git_commit", "packages", "wall_seconds", "runs", "table2", "table4"}
+    assert "findings" in report.summary and report.summary["machine"]["executor"] == "processes"
 
-    index_path, failed = run_report("tiny", out, grid, progress=False, course=False, data_root=SAMPLE)
-    again = {r["run"]: r["status"] for r in json.loads((out / "summary.json").read_text())["runs"]}
-    assert (
-        again["07_long_story_ablation-policy=mm-sink"] == "reused"
-        and again["08_report"] == "reused"
-        and len(failed) == 3
-    )
+    _, failed = run_report("tiny", report.out, report.grid, progress=False, course=False, data_root=SAMPLE)
+    again = {r["run"]: r["status"] for r in json.loads((report.out / "summary.json").read_text())["runs"]}
+    assert all(again[CELL.format(policy)] == "reused" for policy in POLICIES)
+    assert again["08_report"] == "reused" and len(failed) == 3
 
 
 def test_report_with_a_bad_grid_exits_2_before_any_work(tmp_path, capsys):
