@@ -11,7 +11,7 @@ import torch
 
 from labkit.core.presets import get_preset
 from labkit.models.mllm import SeedStoryMLLM, paper_vocab_size, parameter_counts
-from labkit.training.memory_plan import format_table, memory_table
+from labkit.training.memory_plan import STAGE3_MODES, format_table, memory_table, stage3_memory_table
 
 
 def nominal_vocab_size(preset_name: str) -> int:
@@ -66,6 +66,10 @@ def model_info(preset_name: str) -> dict:
         "parameters": counts,
         # stage 2's memory per GPU under each configs/accelerate/ config (LoRA presets: the paper's multi-GPU run)
         "memory_per_gpu_gib": None if preset.mllm.lora is None else memory_table(preset, vocab),
+        # stage 3's (labkit.training.stage3_paper): presets whose de-tokenizer starts from SDXL base
+        "stage3_memory_per_gpu_gib": {mode: stage3_memory_table(preset, mode) for mode in STAGE3_MODES}
+        if preset.pretrained_weights
+        else None,
     }
 
 
@@ -81,4 +85,7 @@ def format_info(info: dict) -> str:
     if info.get("memory_per_gpu_gib"):
         lines += ["", "stage 2, GiB per GPU (labkit.training.memory_plan: 240 samples x 1280 tokens per step):"]
         lines.append(format_table(info["memory_per_gpu_gib"]))
+    for mode, rows in (info.get("stage3_memory_per_gpu_gib") or {}).items():
+        lines += ["", f"stage 3 --mode {mode}, GiB per GPU (128 samples at 1024 px per step, gradient checkpointing):"]
+        lines.append(format_table(rows))
     return "\n".join(lines)

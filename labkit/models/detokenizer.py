@@ -173,6 +173,10 @@ class Detokenizer(nn.Module):
         predicted = self.unet(noisy, steps.to(latents.device), **self.condition(features)).sample
         return F.mse_loss(predicted.float(), noise.float())
 
+    def forward(self, features: torch.Tensor, latents: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        """`loss`, as the module's call: a data-parallel wrapper (DDP, DeepSpeed) syncs gradients only through it."""
+        return self.loss(features, latents, generator)
+
     def set_trainable(self, mode: str) -> list[str]:
         """Freeze everything but what `mode` trains; return the trainable parameter names.
 

@@ -126,7 +126,7 @@ def write_official_layout(folder: Path | str, sizes: LayoutSizes = LayoutSizes()
         _write_agent(tmp, preset, llm, base_vocab)
         vit = VisualTokenizer(preset.visual_tokenizer)
         save_torch(qwen_state_dict(vit), tmp / PAPER_FILES["visual_tokenizer"][0])
-        _write_sdxl(tmp, preset)
+        write_sdxl(tmp, preset)
     return folder
 
 
@@ -181,8 +181,10 @@ def qwen_state_dict(model: VisualTokenizer) -> dict[str, torch.Tensor]:
     return state
 
 
-def _write_sdxl(folder: Path, preset: Preset) -> None:
-    """SDXL base's three diffusers folders and both released de-tokenizers (`resampler.*` + `unet.*`)."""
+def write_sdxl(folder: Path, preset: Preset) -> None:
+    """SDXL base's three diffusers folders and both released de-tokenizers (`resampler.*` + `unet.*`) at `preset`'s
+    de-tokenizer sizes, reading its visual tokenizer's features (the stage-3 test writes them beside a paper-shaped
+    Llama)."""
     sizes, features = preset.detokenizer, preset.visual_tokenizer
     unet = UNet2DConditionModel(**unet_config(sizes))
     vae = AutoencoderKL(**vae_config(sizes), scaling_factor=0.13025)  # SDXL's VAE scaling factor

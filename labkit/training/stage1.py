@@ -37,7 +37,7 @@ from labkit.core.presets import Preset
 from labkit.data.frames import load_frames, to_float
 from labkit.metrics.lpips_metric import get_metric
 from labkit.models.detokenizer import Detokenizer, vae_config
-from labkit.training.common import StageRun, base_manifest, prepare_workdir, step_generator
+from labkit.training.common import StageRun, base_manifest, prepare_workdir, run_manifest, step_generator, thin
 from labkit.training.detokenizer_eval import EvalFrames, image_metrics
 from labkit.training.loop import Schedule
 from labkit.training.stage0 import extract_features, features_for_split, load_judges, load_stage0_tokenizer
@@ -163,11 +163,7 @@ def train_vae(run: StageRun, steps: int | None = None) -> dict:
         **base_manifest(run, VAE, plan, SEED, data_root),
         "loss": f"L1 + {PERCEPTUAL_WEIGHT} LPIPS ({lpips.backbone}) + {KL_WEIGHT} KL",
         "scaling_factor": vae.config.scaling_factor,
-        "wall_seconds": round(time.perf_counter() - start, 1),
-        "train_seconds": round(result.seconds, 1),
-        "resumed_from_step": result.resumed_from,
-        "metrics": metrics,
-        "history": thin(result.history),
+        **run_manifest(start, result, metrics),
     }
     if result.is_main_process:
         with build_directory(out, overwrite=True) as tmp:
@@ -376,13 +372,6 @@ def load_detokenizer_artifact(folder: Path | str, preset: Preset, stage: str = "
 def load_stage1_detokenizer(preset: Preset) -> Detokenizer:
     """The stage-1 de-tokenizer: the reference checkpoint, else a quick one. Never trains."""
     return load_detokenizer_artifact(require(NAME, preset.name), preset)[0]
-
-
-def thin(history: list[dict], points: int = 100) -> list[dict]:
-    """About `points` loss entries and every evaluation entry, rounded, for the manifest."""
-    stride = max(1, len(history) // points)
-    kept = [h for i, h in enumerate(history) if i % stride == 0 or len(h) > 3 or i == len(history) - 1]
-    return [{k: round(v, 5) if isinstance(v, float) else v for k, v in h.items()} for h in kept]
 
 
 def _json(payload: dict) -> str:

@@ -49,6 +49,7 @@ from labkit.training import stage2_lora
 from labkit.training.common import StageRun, base_manifest, prepare_workdir
 from labkit.training.lm import caption_probe, load_lm
 from labkit.training.loop import Schedule
+from labkit.training.sharding import full_parameters, full_state_dict, refuse_unsupported_fsdp
 from labkit.training.stage0 import features_for_split
 
 NAME = "mllm"
@@ -230,7 +231,7 @@ def train_stage2(
     the `lm` artifact); write its artifact; return the manifest."""
     config, schedule, resume, stop_after = run.preset, run.schedule, run.resume, run.stop_after
     lora = config.mllm.lora is not None  # the paper preset: LoRA on the Llama-2-7B of the weights folder
-    stage2_lora.refuse_fsdp()
+    refuse_unsupported_fsdp("stage 2" + ("" if lora else f" at the {config.name} preset"), supported=lora)
     if lora:
         weights = weights_folder()
         stage2_lora.require_lora_weights(weights)  # before any work
@@ -282,53 +283,56 @@ def train_stage2(
         workdir,
         evaluate=lambda m: evaluate(m, batches, sinks),
         desc=f"stage 2 ({schedule})",
+        shardable=lora,  # the paper preset's LoRA run gathers FSDP's shards below
     )
     replicas = stage2_lora.replica_digests(model) if lora else None  # every process, before any return
     if run.interrupted(plan):
         return {"interrupted_at": stop_after, **({"replica_digests": replicas} if lora else {})}
-    final = evaluate(model.eval(), batches, sinks)
-    val_captions = [list(record.captions) for record in open_split(data_root, "val").records]
-    captions = caption_probe(tokenizer, val_captions)
-    manifest = {
-        "stage": "stage2",
-        "name": NAME,
-        **base_manifest(run, NAME, plan, seed, data_root),
-        "sampler": sampler,
-        "config_hash": mllm_config_hash(config, tokenizer.vocab_size),
-        "wall_seconds": round(time.perf_counter() - start, 1),
-        "train_seconds": round(result.seconds, 1),
-        "resumed_from_step": result.resumed_from,
-        "vocab_size": tokenizer.vocab_size,
-        "metrics": {"step0": initial, "final": final},
-        "language_model": {
-            "folder": portable_path(lm_folder),
-            "config_hash": lm_manifest.get("config_hash"),
-            "schedule": lm_manifest.get("schedule"),
-            "corpus": lm_manifest.get("corpus"),
-        },
-        # the BOS sink per layer before stage 2 (the LM's manifest) and after it, on validation captions as plain
-        # text after `<s>` (the same probe), and on the multimodal validation samples
-        "bos_ratio": {
-            "skip": SINK_SKIP,
-            "captions_before_stage2": lm_manifest.get("bos_ratio", {}).get("captions"),
-            "captions_after_stage2": plain_bos_ratios(model.causal_lm, captions, tokenizer.pad_id),
-            "multimodal_after_stage2": multimodal_bos_ratios(model, batches[0], sinks) if sinks else None,
-        },
-        "history": _thin(result.history),
-    }
+    with full_parameters(model):  # under FSDP (the paper preset) each process gathers the whole model here
+        final = evaluate(model.eval(), batches, sinks)
+        val_captions = [list(record.captions) for record in open_split(data_root, "val").records]
+        captions = caption_probe(tokenizer, val_captions)
+        manifest = {
+            "stage": "stage2",
+            "name": NAME,
+            **base_manifest(run, NAME, plan, seed, data_root),
+            "sampler": sampler,
+            "config_hash": mllm_config_hash(config, tokenizer.vocab_size),
+            "wall_seconds": round(time.perf_counter() - start, 1),
+            "train_seconds": round(result.seconds, 1),
+            "resumed_from_step": result.resumed_from,
+            "vocab_size": tokenizer.vocab_size,
+            "metrics": {"step0": initial, "final": final},
+            "language_model": {
+                "folder": portable_path(lm_folder),
+                "config_hash": lm_manifest.get("config_hash"),
+                "schedule": lm_manifest.get("schedule"),
+                "corpus": lm_manifest.get("corpus"),
+            },
+            # the BOS sink per layer before stage 2 (the LM's manifest) and after it, on validation captions as plain
+            # text after `<s>` (the same probe), and on the multimodal validation samples
+            "bos_ratio": {
+                "skip": SINK_SKIP,
+                "captions_before_stage2": lm_manifest.get("bos_ratio", {}).get("captions"),
+                "captions_after_stage2": plain_bos_ratios(model.causal_lm, captions, tokenizer.pad_id),
+                "multimodal_after_stage2": multimodal_bos_ratios(model, batches[0], sinks) if sinks else None,
+            },
+            "history": _thin(result.history),
+        }
     if lora:  # one digest per data-parallel process: they must be equal (tests/training/test_accelerate_paper_lora.py)
         manifest["replica_digests"] = replicas
 
     def extra_files(folder: Path) -> None:
         if lora:  # the tokenizer's two source files and the peft adapter, never the 7B body
             stage2_lora.save_tokenizer_files(weights, folder / TOKENIZER)
-            stage2_lora.save_lora_llm(model, folder / LLM)
+            stage2_lora.save_lora_llm(model, folder / LLM, state)
             return
         tokenizer.save_pretrained(folder / TOKENIZER)
         save_llm_folder(model, tokenizer, folder / LLM, half=schedule == "reference")
 
+    state = full_state_dict(model) if lora else model.state_dict()  # gathered shards under FSDP: every process
     if result.is_main_process:
-        resamplers = {k: v for k, v in model.state_dict().items() if not k.startswith("llm.")}
+        resamplers = {k: v for k, v in state.items() if not k.startswith("llm.")}
         save_artifact(out, resamplers, manifest, half=schedule == "reference", extra=extra_files)
     return manifest
 

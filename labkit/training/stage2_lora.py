@@ -13,8 +13,9 @@ tokens (`labkit.data.llama_tokenizer`), so the data set's own BPE tokenizer is n
 against the files before any work. The same functions train a paper-*shaped* small random Llama written in the
 same folder layout (`labkit.training.paper_shaped`, the CPU test): only the sizes and the files differ.
 
-The whole model is built in fp32 and the step runs under bf16 autocast on CUDA (`labkit.core.devices`): one dtype
-per module, as FSDP's flat parameters require, and fp32 evaluation as every stage. It costs 13 GB more per GPU
+The whole model is built in fp32 and the step runs under bf16 autocast on CUDA (`labkit.core.devices`), with fp32
+evaluation as every stage; under FSDP (`configs/accelerate/fsdp.yaml`) evaluation and saving gather the shards
+first (`labkit.training.sharding`). It costs 13 GB more per GPU
 under DDP than a bf16 body would (`labkit.training.memory_plan`); under ZeRO-2 DeepSpeed casts the model to bf16
 itself and keeps fp32 master weights in its partitioned optimizer, as the official run.
 
@@ -26,25 +27,24 @@ folder again.
 from __future__ import annotations
 
 import hashlib
-import json
 import shutil
 from pathlib import Path
 
 import torch
 from accelerate import PartialState
-from accelerate.utils import gather_object, parse_flag_from_env
+from accelerate.utils import gather_object
 from peft import set_peft_model_state_dict
 from safetensors.torch import load_file
-from transformers import LlamaForCausalLM
 
 from labkit.core.errors import LabError
 from labkit.core.presets import Preset
 from labkit.data.llama_tokenizer import LlamaStoryTokenizer
 from labkit.models.mllm import SeedStoryMLLM
 from labkit.models.official_checkpoint import PAPER_FILES
+from labkit.models.paper_weights import LLAMA, load_llama
 from labkit.training.loop import Schedule
+from labkit.training.sharding import full_state_dict
 
-LLAMA = "Llama-2-7b-hf"
 TOKENIZER_JSON = f"{LLAMA}/tokenizer.json"
 ADDED_TOKENS = PAPER_FILES["agent"][1]  # the release's cvlm_llama2_tokenizer/added_tokens.json (the 66 ids)
 PARTS = ("llama", "visual_tokenizer")
@@ -72,17 +72,6 @@ def require_lora_weights(folder: Path) -> None:
         )
 
 
-def refuse_fsdp() -> None:
-    """FSDP leaves the model's parameters sharded outside its wrapper, and the training loop evaluates and saves
-    through the unwrapped model: refuse before any work rather than evaluate or save shards."""
-    if parse_flag_from_env("ACCELERATE_USE_FSDP"):
-        raise LabError(
-            "stage 2 does not run under FSDP yet (configs/accelerate/fsdp.yaml): labkit's training loop evaluates "
-            "and saves through the unwrapped model, which FSDP leaves sharded. Use configs/accelerate/ddp.yaml or "
-            "configs/accelerate/deepspeed_zero2.yaml (the official setup)"
-        )
-
-
 def lora_tokenizer(folder: Path) -> LlamaStoryTokenizer:
     """Llama-2's tokenizer + the release's added tokens (`configs/tokenizer/clm_llama_tokenizer.yaml`)."""
     return LlamaStoryTokenizer.from_files(folder / TOKENIZER_JSON, folder / ADDED_TOKENS)
@@ -99,33 +88,6 @@ def load_tokenizer_files(folder: Path) -> LlamaStoryTokenizer:
     return LlamaStoryTokenizer.from_files(folder / Path(TOKENIZER_JSON).name, folder / Path(ADDED_TOKENS).name)
 
 
-def load_llama_body(folder: Path, preset: Preset, vocab_size: int, device: torch.device) -> LlamaForCausalLM:
-    """`LlamaForCausalLM.from_pretrained(<folder>/Llama-2-7b-hf)` with the preset's sizes checked first, its embedding
-    and head resized to `vocab_size` (new rows drawn as the official transformers 4.34 `resize_token_embeddings`)."""
-    config_path = folder / LLAMA / "config.json"
-    config = json.loads(config_path.read_text(encoding="utf-8"))
-    llm = preset.mllm.llm
-    expected = {
-        "hidden_size": llm.hidden_size,
-        "num_hidden_layers": llm.layers,
-        "num_attention_heads": llm.heads,
-        "num_key_value_heads": llm.kv_heads,
-        "intermediate_size": llm.intermediate_size,
-        "vocab_size": llm.base_vocab,
-    }
-    wrong = {k: (config.get(k), v) for k, v in expected.items() if config.get(k, v) != v}
-    if wrong:
-        listing = ", ".join(f"{k} {got} (preset {preset.name}: {want})" for k, (got, want) in wrong.items())
-        raise LabError(f"{config_path}: not the {preset.name} preset's Llama: {listing}")
-    # straight onto this process's GPU: eight processes each holding a 27 GB fp32 copy in host memory is too much
-    placement = {"device_map": {"": device}} if device.type == "cuda" else {}
-    body = LlamaForCausalLM.from_pretrained(
-        folder / LLAMA, dtype=torch.float32, attn_implementation="sdpa", **placement
-    )
-    body.resize_token_embeddings(vocab_size, mean_resizing=False)
-    return body
-
-
 def build_lora_mllm(
     preset: Preset, tokenizer: LlamaStoryTokenizer, folder: Path, seed: int, device: torch.device | None = None
 ) -> SeedStoryMLLM:
@@ -133,23 +95,21 @@ def build_lora_mllm(
     resamplers, gradient checkpointing on (as `train_clm_sft.py`). `device`: where the body is loaded (a CUDA run
     passes this process's GPU: `PartialState().device`)."""
     torch.manual_seed(seed)  # the resamplers, the new embedding rows and LoRA's A matrices
-    body = load_llama_body(folder, preset, tokenizer.vocab_size, device or torch.device("cpu"))
+    body = load_llama(folder, preset, tokenizer.vocab_size, device or torch.device("cpu"), torch.float32)
     model = SeedStoryMLLM(preset, tokenizer.vocab_size, llm=body).to(body.device)
     # non-reentrant: works with DDP and with inputs (the resampled image slots) that carry gradients
     model.causal_lm.activation_checkpointing_enable({"use_reentrant": False})
     return model
 
 
-def trainable_llm_state(model: SeedStoryMLLM) -> dict[str, torch.Tensor]:
-    """The LLM tensors stage 2 trains: LoRA's A and B, the norms' trainable copies, the embedding and the head."""
-    return {name: p.detach() for name, p in model.llm.named_parameters() if p.requires_grad}
-
-
 def lora_digest(model: SeedStoryMLLM) -> str:
-    """SHA-256 of every trained tensor (LLM and resamplers), in name order: equal digests, equal weights."""
+    """SHA-256 of every trained tensor (LoRA's A and B, the norms' trainable copies, the embedding and the head; both
+    resamplers), in name order: equal digests, equal weights. Read from the gathered state dict: under FSDP each
+    process holds shards only (so every process must call this)."""
+    trained = {f"llm.{name}" for name, p in model.llm.named_parameters() if p.requires_grad}
+    state = full_state_dict(model)
+    tensors = {k: v for k, v in state.items() if k in trained or k.startswith(("input_resampler.", "output_"))}
     digest = hashlib.sha256()
-    tensors = {f"llm.{k}": v for k, v in trainable_llm_state(model).items()}
-    tensors.update({k: v for k, v in model.state_dict().items() if k.startswith(("input_resampler.", "output_"))})
     for name in sorted(tensors):
         digest.update(name.encode())
         digest.update(tensors[name].float().cpu().contiguous().numpy().tobytes())
@@ -169,9 +129,11 @@ def process_state(run_device: torch.device) -> PartialState:
     return PartialState(cpu=run_device.type == "cpu")
 
 
-def save_lora_llm(model: SeedStoryMLLM, folder: Path) -> None:
-    """peft's adapter folder: LoRA, the norms' copies and (`save_embedding_layers`) the resized embedding and head."""
-    model.llm.save_pretrained(folder, save_embedding_layers=True)
+def save_lora_llm(model: SeedStoryMLLM, folder: Path, state: dict[str, torch.Tensor] | None = None) -> None:
+    """peft's adapter folder: LoRA, the norms' copies and (`save_embedding_layers`) the resized embedding and head.
+    `state`: the MLLM's state dict, gathered (`labkit.training.sharding.full_state_dict`) when FSDP sharded it."""
+    llm_state = None if state is None else {k.removeprefix("llm."): v for k, v in state.items() if k.startswith("llm.")}
+    model.llm.save_pretrained(folder, state_dict=llm_state, save_embedding_layers=True)
 
 
 def load_lora_mllm(artifact: Path, preset: Preset, tokenizer: LlamaStoryTokenizer, folder: Path) -> SeedStoryMLLM:

@@ -18,41 +18,33 @@ has none) so the blank-frame guidance negative keeps its meaning after adaptatio
 
 from __future__ import annotations
 
-import hashlib
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
 
-from labkit.core.artifacts import require, weights_hash
-from labkit.core.atomic import save_torch
-from labkit.core.devices import default_device, module_device
+from labkit.core.artifacts import require
 from labkit.core.errors import ParameterError
-from labkit.core.paths import artifacts_folder, portable_path
-from labkit.core.presets import Preset
+from labkit.core.paths import portable_path
 from labkit.data.frames import load_frames
-from labkit.data.frames import load_frames as frames_of
-from labkit.data.layout import build_layout
-from labkit.models.mllm import collate
-from labkit.training.common import StageRun, base_manifest, prepare_workdir, step_generator
+from labkit.training import stage3_paper
+from labkit.training.common import StageRun, base_manifest, prepare_workdir, run_manifest, step_generator
 from labkit.training.detokenizer_eval import EvalFrames, image_metrics, paired_change
 from labkit.training.loop import Schedule
-from labkit.training.stage0 import features_for_split, load_judges
+from labkit.training.regressed import RegressedPairs, compute_regressed, regressed_pairs  # noqa: F401 (re-exported)
+from labkit.training.stage0 import load_judges
 from labkit.training.stage1 import NAME as STAGE1
 from labkit.training.stage1 import (
     LatentBank,
     _require_trainable,
     load_detokenizer_artifact,
     save_detokenizer,
-    thin,
     with_dropout,
 )
-from labkit.training.stage2 import NAME as MLLM
-from labkit.training.stage2 import load_mllm
 
 SEED = 4
-MODES = ("official", "full")
+MODES = stage3_paper.MODES  # ("official", "full")
 SCHEDULES = {  # the official run: lr 1e-4, weight decay 0.03, cosine with warm-up; tiny trains from a smaller start
     "quick": Schedule(
         steps=150, batch_size=32, lr=3e-4, warmup=15, weight_decay=0.03, checkpoint_every=50, eval_every=150
@@ -66,87 +58,6 @@ EVAL_STRIDE = 3  # test pairs scored: every third (chunk, target) pair
 
 def artifact_name(mode: str) -> str:
     return f"{STAGE1}_{mode}"
-
-
-@dataclass
-class RegressedPairs:
-    """The frozen MLLM's regressed features of each (chunk, target frame) pair of a split, with where the
-    target frame sits: `story`, `frame` index into the split's [S, F] frames."""
-
-    features: torch.Tensor  # [P, N, D]
-    story: torch.Tensor  # [P]
-    frame: torch.Tensor  # [P]
-
-    def subset(self, index: torch.Tensor | slice) -> "RegressedPairs":
-        return RegressedPairs(self.features[index], self.story[index], self.frame[index])
-
-    def truth(self, data_root: Path | str, split: str) -> EvalFrames:
-        frames = load_frames(data_root, split)
-        return EvalFrames(
-            frames.images[self.story, self.frame],
-            frames.protagonist[self.story, self.frame],
-            frames.style[self.story, self.frame],
-        )
-
-
-@torch.no_grad()
-def compute_regressed(
-    model,
-    tokenizer,
-    captions: list[list[str]],
-    features: torch.Tensor,
-    chunk_length: int,
-    batch_size: int = 32,
-    progress: bool = False,
-) -> RegressedPairs:
-    """For every chunk and every target j = 1..L-1: the random-length sample of segments 0..j (official
-    `decode_long_story_data`), through the MLLM; the output resampler's features for image j."""
-    from tqdm.auto import tqdm
-
-    jobs = [
-        (story, start, j)
-        for story in range(len(captions))
-        for start in range(0, len(captions[story]) - chunk_length + 1, chunk_length)
-        for j in range(1, chunk_length)
-    ]
-    jobs.sort(key=lambda job: job[2])  # similar lengths batch together: less padding
-    out = []
-    for begin in tqdm(range(0, len(jobs), batch_size), desc="regressed features", disable=not progress):
-        layouts, inputs = [], []
-        for story, start, j in jobs[begin : begin + batch_size]:
-            segment = captions[story][start : start + j + 1]
-            layouts.append(build_layout(segment, tokenizer, model.num_queries, (j,), (j,)))
-            inputs.append(features[story, start : start + j + 1])
-        batch = collate(layouts, inputs, tokenizer.pad_id).to(module_device(model))
-        out.append(model(batch).regressed.float().cpu())
-    return RegressedPairs(
-        torch.cat(out), torch.tensor([s for s, _, _ in jobs]), torch.tensor([s + j for _, s, j in jobs])
-    )
-
-
-def regressed_pairs(preset: Preset, split: str, data_root: Path | str, progress: bool = True) -> RegressedPairs:
-    """`compute_regressed` for a split with the preset's MLLM, cached under artifacts/<preset>/features/."""
-    folder = require(MLLM, preset.name)
-    source = Path(data_root) / f"{split}.jsonl"
-    weights = weights_hash(folder)
-    key = hashlib.sha256(
-        f"{weights}|{Path(data_root).resolve()}|{split}|{source.stat().st_size}|{source.stat().st_mtime_ns}".encode()
-    ).hexdigest()[:16]
-    cache = artifacts_folder(preset.name) / "features" / "regressed" / f"{split}-{key}.pt"
-    if cache.is_file():
-        return RegressedPairs(**torch.load(cache, weights_only=True))
-    model, tokenizer, _ = load_mllm(folder, preset)
-    model.to(default_device())  # every training pair goes through the MLLM once: on the GPU when there is one
-    pairs = compute_regressed(
-        model,
-        tokenizer,
-        frames_of(data_root, split).captions,
-        features_for_split(preset, split, data_root, progress),
-        preset.data.chunk_length,
-        progress=progress,
-    )
-    save_torch(asdict(pairs), cache)
-    return pairs
 
 
 def score(
@@ -170,14 +81,22 @@ def train_stage3(
     sample_steps: int = 10,
     guidance_scale: float = 3.0,
     base: Path | str | None = None,
+    mllm: Path | str | None = None,
 ) -> dict:
     """Adapt the stage-1 de-tokenizer to the frozen MLLM's regressed features; write the artifact.
 
-    `base`: the stage-1 de-tokenizer artifact to start from (default: the reference one, else quick)."""
+    `base`: the stage-1 de-tokenizer artifact to start from (default: the reference one, else quick); `mllm`: the
+    stage-2 artifact that regresses the features (default: the reference one, else quick). A preset that reads
+    pretrained weights (`paper`) starts from SDXL base + the released stage-1 de-tokenizer instead
+    (`labkit.training.stage3_paper`)."""
     preset, schedule, resume, progress, stop_after = run.preset, run.schedule, run.resume, run.progress, run.stop_after
-    _require_trainable(preset)
     if mode not in MODES:
         raise ParameterError("--mode", f"unknown stage-3 mode {mode!r}; choose one of {', '.join(MODES)}")
+    if preset.pretrained_weights:
+        if base is not None:
+            raise ParameterError("base", f"the {preset.name} preset starts from the weights folder's de-tokenizer")
+        return stage3_paper.train_paper_stage3(run, mode, seed, sample_steps, guidance_scale, mllm)
+    _require_trainable(preset)
     plan = run.plan(SCHEDULES)
     data_root = run.data()
     out, workdir = run.folders(artifact_name(mode))
@@ -199,11 +118,11 @@ def train_stage3(
     model, base_manifest_ = load_detokenizer_artifact(base_folder, preset)
     baseline, _ = load_detokenizer_artifact(base_folder, preset)
     trainable = model.set_trainable(mode)
-    pairs = regressed_pairs(preset, "train", data_root, progress)
+    pairs = regressed_pairs(preset, "train", data_root, progress, mllm)
     frames = load_frames(data_root, "train")
     bank = LatentBank(model, frames.images[pairs.story, pairs.frame])  # one latent posterior per pair's target
     judges = load_judges(preset)
-    val_pairs = regressed_pairs(preset, "val", data_root, progress).subset(slice(0, None, 4 * EVAL_STRIDE))
+    val_pairs = regressed_pairs(preset, "val", data_root, progress, mllm).subset(slice(0, None, 4 * EVAL_STRIDE))
     val_truth = val_pairs.truth(data_root, "val")
 
     def make_batch(step: int, rows: range) -> dict:
@@ -226,7 +145,7 @@ def train_stage3(
     )
     if run.interrupted(plan):
         return {"interrupted_at": stop_after}
-    test_pairs = regressed_pairs(preset, "test", data_root, progress).subset(slice(0, None, EVAL_STRIDE))
+    test_pairs = regressed_pairs(preset, "test", data_root, progress, mllm).subset(slice(0, None, EVAL_STRIDE))
     truth = test_pairs.truth(data_root, "test")
     after, before = (
         m.sample(test_pairs.features, steps=sample_steps, guidance_scale=guidance_scale, progress=progress)
@@ -249,11 +168,7 @@ def train_stage3(
         "sampling": base_manifest_.get("sampling"),
         "conditioning_dropout": base_manifest_.get("conditioning_dropout"),
         "test_pairs": len(test_pairs.features),
-        "wall_seconds": round(time.perf_counter() - start, 1),
-        "train_seconds": round(result.seconds, 1),
-        "resumed_from_step": result.resumed_from,
-        "metrics": metrics,
-        "history": thin(result.history),
+        **run_manifest(start, result, metrics),
     }
     if result.is_main_process:
         save_detokenizer(model, out, manifest, half=schedule == "reference")

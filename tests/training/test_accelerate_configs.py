@@ -15,6 +15,7 @@ from labkit.core.errors import LabError
 from labkit.core.paths import project_root
 from labkit.core.presets import get_preset
 from labkit.training.common import StageRun
+from labkit.training.sharding import refuse_unsupported_fsdp
 from labkit.training.stage2 import train_stage2
 
 CONFIGS = project_root() / "configs" / "accelerate"
@@ -39,8 +40,8 @@ def test_ddp_and_fsdp_launch_in_bf16(monkeypatch):
     assert launch_environment("ddp.yaml", monkeypatch)["ACCELERATE_MIXED_PRECISION"] == "bf16"
     env = launch_environment("fsdp.yaml", monkeypatch)
     assert env["ACCELERATE_USE_FSDP"] == "true" and env["ACCELERATE_MIXED_PRECISION"] == "bf16"
-    assert env["FSDP_SHARDING_STRATEGY"] == "FULL_SHARD" and env["FSDP_AUTO_WRAP_POLICY"] == "TRANSFORMER_BASED_WRAP"
-    assert env["FSDP_USE_ORIG_PARAMS"] == "true"  # frozen body and trainable LoRA inside one wrapped unit
+    assert env["FSDP_VERSION"] == "2" and env["FSDP_AUTO_WRAP_POLICY"] == "TRANSFORMER_BASED_WRAP"
+    assert env["FSDP_RESHARD_AFTER_FORWARD"] == "true"  # full shard: a layer's parameters freed after its forward
     # the wrap class must be the decoder layer transformers' Llama names (a typo would wrap nothing)
     assert env["FSDP_TRANSFORMER_CLS_TO_WRAP"] in LlamaForCausalLM._no_split_modules
 
@@ -56,8 +57,13 @@ def test_deepspeed_is_zero2_bf16_as_the_official_run():
     assert ds["gradient_accumulation_steps"] == 1
 
 
-def test_stage2_refuses_fsdp_before_any_work(monkeypatch, tmp_path):
+def test_fsdp_is_refused_before_any_work_where_it_is_not_wired_and_in_version_1(monkeypatch, tmp_path):
     monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")  # what `accelerate launch --config_file fsdp.yaml` sets
-    with pytest.raises(LabError, match="fsdp.yaml.*sharded"):
+    monkeypatch.setenv("FSDP_VERSION", "2")
+    # the tiny preset's stage 2 trains the whole MLLM and saves it unsharded: only the paper preset's LoRA is wired
+    with pytest.raises(LabError, match="stage 2 .*does not run under FSDP"):
         train_stage2(StageRun(get_preset("tiny"), data_root=tmp_path / "nowhere", out=tmp_path / "mllm"))
+    monkeypatch.setenv("FSDP_VERSION", "1")
+    with pytest.raises(LabError, match="FSDP 1 is not supported"):
+        refuse_unsupported_fsdp("stage 2", supported=True)
     assert not (tmp_path / "mllm").exists()

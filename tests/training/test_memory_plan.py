@@ -4,18 +4,24 @@ per-strategy sums."""
 from __future__ import annotations
 
 import pytest
+import torch
 
 from labkit.core.errors import ParameterError
 from labkit.core.presets import get_preset
+from labkit.models.detokenizer import Detokenizer
 from labkit.training.memory_plan import (
     GIB,
+    Stage3Workload,
     Workload,
     activation_bytes,
+    detokenizer_activation_bytes,
+    detokenizer_split,
     format_table,
     memory_per_gpu,
     memory_table,
     parameter_split,
 )
+from labkit.training.memory_plan import stage3_memory_per_gpu as stage3
 
 PAPER = get_preset("paper")
 VOCAB = 32066  # Llama-2's 32000 + the release's 66 (llama2chat7b_lora.yaml)
@@ -64,3 +70,32 @@ def test_the_table_and_bad_parameters():
         memory_per_gpu(PAPER, VOCAB, "zero3", 8)
     with pytest.raises(ParameterError, match="gpus"):
         memory_per_gpu(PAPER, VOCAB, "ddp", 0)
+
+
+def test_stage3_trains_what_set_trainable_says_and_sharding_helps():
+    vit = PAPER.visual_tokenizer
+    with torch.device("meta"):
+        model = Detokenizer(PAPER.detokenizer, vit.num_features, vit.feature_dim, preset="paper")
+    unet = sum(p.numel() for p in model.unet.parameters())
+    assert 2.56e9 < unet < 2.58e9  # SDXL base's UNet
+    for mode in ("official", "full"):
+        names = set(model.set_trainable(mode))
+        split = detokenizer_split(PAPER, mode)
+        assert split.trainable == sum(p.numel() for n, p in model.named_parameters() if n in names)
+        assert split.frozen + split.trainable == sum(p.numel() for p in model.parameters())
+    assert detokenizer_split(PAPER, "full").trainable > 4 * detokenizer_split(PAPER, "official").trainable
+    for mode in ("official", "full"):
+        ddp, fsdp, zero2 = (stage3(PAPER, mode, s, 8)["total"] for s in ("ddp", "fsdp", "zero2"))
+        assert fsdp < ddp and zero2 < ddp  # sharding the optimizer (and FSDP the weights) saves memory per GPU
+        assert stage3(PAPER, mode, "zero2", 8)["optimizer"] == pytest.approx(
+            stage3(PAPER, mode, "ddp", 8)["optimizer"] / 8
+        )
+    # 16 samples per GPU at 1024 px: gradient checkpointing (the official script's) keeps activations several x lower
+    assert detokenizer_activation_bytes(PAPER.detokenizer, 16, False) > 5 * detokenizer_activation_bytes(
+        PAPER.detokenizer, 16, True
+    )
+    one, two = (stage3(PAPER, "official", "zero2", n, Stage3Workload())["activations"] for n in (4, 8))
+    assert two == pytest.approx(one / 2)
+    assert stage3(PAPER, "official", "zero2", 8)["total"] < 80 * 1e9 / GIB  # the official 8 x 80 GB run fits
+    with pytest.raises(ParameterError, match="mode"):
+        detokenizer_split(PAPER, "lora")
