@@ -1,6 +1,6 @@
-"""The sequential grid report that test_report.py's failure test and test_dask_executor.py's dask test both read:
-notebook 07's four smallest policy cells plus three that fail, run once per session, one notebook after another,
-through `labkit report` as a user types it."""
+"""The grid report that test_report.py's failure test and test_dask_executor.py's dask test both read: notebook
+07's four smallest policy cells plus three that fail, run once per session through `labkit report` as a user types
+it, on the default executor (spawned processes, two notebooks at a time), the one the dask executor must match."""
 
 from __future__ import annotations
 
@@ -47,12 +47,12 @@ class SequentialReport:
 
 @pytest.fixture(scope="session")
 def sequential_report(tmp_path_factory) -> SequentialReport:
-    """`labkit report --grid G --grid-only --workers 1 --quiet` on the committed sample data (about 100 s)."""
+    """`labkit report --grid G --grid-only --quiet` on the committed sample data (about a minute)."""
     folder = tmp_path_factory.mktemp("sequential")
     grid, out = grid_file(folder / "grid.yaml", POLICIES, failing=True), folder / "report"
     command = ["report", "--grid", str(grid), "--out", str(out), "--grid-only", "--data", str(SAMPLE)]
     stderr = io.StringIO()
     with contextlib.redirect_stderr(stderr):
-        code = main([*command, "--workers", "1", "--quiet"])
+        code = main([*command, "--quiet"])
     summary = json.loads((out / "summary.json").read_text(encoding="utf-8"))
     return SequentialReport(grid, out, code, stderr.getvalue(), summary)
