@@ -15,6 +15,12 @@ SMALL = MakeConfig(
 
 
 @pytest.fixture(scope="session")
+def small_config() -> MakeConfig:
+    """How `small_dataset` was made (a test module cannot import this file: `conftest` names every conftest.py)."""
+    return SMALL
+
+
+@pytest.fixture(scope="session")
 def small_dataset(tmp_path_factory):
     """A 4/1/1-story data set of 12 frames at 32 px (about a second to make)."""
     root = tmp_path_factory.mktemp("data") / "mini"

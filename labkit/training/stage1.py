@@ -282,7 +282,7 @@ def train_stage1(
     result = run.fit(
         model,
         make_batch,
-        lambda m, b: (m.loss(b["features"], b["latents"], b["generator"]), {}),
+        lambda m, b: (m(b["features"], b["latents"], b["generator"]), {}),
         plan,
         workdir,
         evaluate=evaluate,

@@ -137,7 +137,7 @@ def train_stage3(
     result = run.fit(
         model,
         make_batch,
-        lambda m, b: (m.loss(b["features"], b["latents"], b["generator"]), {}),
+        lambda m, b: (m(b["features"], b["latents"], b["generator"]), {}),
         plan,
         workdir,
         evaluate=lambda m: score(m, val_pairs, val_truth, judges, sample_steps, guidance_scale, lpips=False),

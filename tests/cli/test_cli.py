@@ -90,10 +90,8 @@ def _files(root: Path) -> dict[str, bytes]:
     return {str(p.relative_to(root)): p.read_bytes() for p in files if p.relative_to(root).parts[0] != "cache"}
 
 
-def test_same_seed_gives_byte_identical_data_and_another_seed_differs(tmp_path, small_dataset):
-    from conftest import SMALL
-
-    make_dataset(tmp_path / "again", SMALL, progress=False)
+def test_same_seed_gives_byte_identical_data_and_another_seed_differs(tmp_path, small_dataset, small_config):
+    make_dataset(tmp_path / "again", small_config, progress=False)
     first, second = _files(small_dataset), _files(tmp_path / "again")
     assert first.keys() == second.keys()
     assert (
@@ -102,7 +100,8 @@ def test_same_seed_gives_byte_identical_data_and_another_seed_differs(tmp_path, 
         and "tokenizer/tokenizer.json" in first
     )
     assert [k for k in first if first[k] != second[k]] == []
-    make_dataset(tmp_path / "other", MakeConfig(**{**SMALL.__dict__, "seed": SMALL.seed + 1}), progress=False)
+    other_seed = MakeConfig(**{**small_config.__dict__, "seed": small_config.seed + 1})
+    make_dataset(tmp_path / "other", other_seed, progress=False)
     other = _files(tmp_path / "other")
     for name in ("train.jsonl", "train.annotations.jsonl", "images/train/train_00000/train_00000_000.png"):
         assert other[name] != first[name], name
