@@ -32,8 +32,24 @@ lint: setup
 test-fast: setup
 	$(PY) -m pytest tests -m "not slow" -p no:cacheprovider
 
+# Two pytest sessions side by side, one thread each (two 2-thread torch processes thrash a 2-core machine): nbval over
+# the notebooks and the explorers, then the course site built from what nbval executed (tests/browser/test_book.py),
+# in one; tests/ in the other. Each waits on kernels, browsers and launched processes much of the time, so together
+# they finish minutes sooner than one after the other. What they share under artifacts/ is written atomically; the
+# report data set, which both read, is made first. The first session's output is printed after the second's.
+TEST_ENV := OMP_NUM_THREADS=1 MKL_NUM_THREADS=1
+NB_LOG   := $(VENV)/pytest-notebooks.log
 test: setup lint browser
-	$(PY) -m pytest tests notebooks demo --nbval-lax -p no:cacheprovider
+	@$(PY) -c "from labkit.core.presets import get_preset; from labkit.data.storystream_mini import ensure_dataset; \
+	  ensure_dataset(get_preset('tiny'), progress=False)"
+	@echo "pytest: notebooks/, demo/ and the course site in the background ($(NB_LOG)); tests/ here"
+	@$(TEST_ENV) $(PY) -m pytest notebooks demo tests/browser/test_book.py --nbval-lax -p no:cacheprovider \
+	  > $(NB_LOG) 2>&1 & notebooks=$$!; \
+	$(TEST_ENV) $(PY) -m pytest tests --ignore=tests/browser/test_book.py -p no:cacheprovider; tests=$$?; \
+	wait $$notebooks; notebooks=$$?; \
+	echo "---- pytest notebooks demo tests/browser/test_book.py ----"; cat $(NB_LOG); \
+	echo "pytest exit codes: tests/ $$tests, notebooks/demo/course site $$notebooks"; \
+	test $$tests -eq 0 && test $$notebooks -eq 0
 
 # The browser tests (tests/browser) drive Debian's chromium with Playwright (Playwright's own browser download
 # cannot be reached offline): install it when missing.
