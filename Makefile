@@ -33,21 +33,24 @@ test-fast: setup
 	$(PY) -m pytest tests -m "not slow" -p no:cacheprovider
 
 # Two pytest sessions side by side, one thread each (two 2-thread torch processes thrash a 2-core machine): nbval over
-# the notebooks and the explorers, then the course site built from what nbval executed (tests/browser/test_book.py),
-# in one; tests/ in the other. Each waits on kernels, browsers and launched processes much of the time, so together
+# the notebooks and the explorers, the explorers in Chromium, then the course site built from what nbval executed
+# (tests/browser/test_book.py), in one; the rest of tests/ in the other. Each waits on kernels, browsers and launched processes much of the time, so together
 # they finish minutes sooner than one after the other. What they share under artifacts/ is written atomically; the
 # report data set, which both read, is made first. The first session's output is printed after the second's.
 TEST_ENV := OMP_NUM_THREADS=1 MKL_NUM_THREADS=1
 NB_LOG   := $(VENV)/pytest-notebooks.log
+# tests that join the notebook session: the course site (needs its nbval outputs) and the explorers in Chromium
+# (about 3 min), which balances the two sessions' wall time
+NB_SIDE  := tests/browser/test_book.py tests/browser/test_demo_app.py
 test: setup lint browser
 	@$(PY) -c "from labkit.core.presets import get_preset; from labkit.data.storystream_mini import ensure_dataset; \
 	  ensure_dataset(get_preset('tiny'), progress=False)"
-	@echo "pytest: notebooks/, demo/ and the course site in the background ($(NB_LOG)); tests/ here"
-	@$(TEST_ENV) $(PY) -m pytest notebooks demo tests/browser/test_book.py --nbval-lax -p no:cacheprovider \
+	@echo "pytest: notebooks/, demo/ and $(NB_SIDE) in the background ($(NB_LOG)); the rest of tests/ here"
+	@$(TEST_ENV) $(PY) -m pytest notebooks demo $(NB_SIDE) --nbval-lax -p no:cacheprovider \
 	  > $(NB_LOG) 2>&1 & notebooks=$$!; \
-	$(TEST_ENV) $(PY) -m pytest tests --ignore=tests/browser/test_book.py -p no:cacheprovider; tests=$$?; \
+	$(TEST_ENV) $(PY) -m pytest tests $(NB_SIDE:%=--ignore=%) -p no:cacheprovider; tests=$$?; \
 	wait $$notebooks; notebooks=$$?; \
-	echo "---- pytest notebooks demo tests/browser/test_book.py ----"; cat $(NB_LOG); \
+	echo "---- pytest notebooks demo $(NB_SIDE) ----"; cat $(NB_LOG); \
 	echo "pytest exit codes: tests/ $$tests, notebooks/demo/course site $$notebooks"; \
 	test $$tests -eq 0 && test $$notebooks -eq 0
 
