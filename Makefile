@@ -34,9 +34,10 @@ test-fast: setup
 
 # Two pytest sessions side by side, one thread each (two 2-thread torch processes thrash a 2-core machine): nbval over
 # the notebooks and the explorers, the explorers in Chromium, then the course site built from what nbval executed
-# (tests/browser/test_book.py), in one; the rest of tests/ in the other. Each waits on kernels, browsers and launched processes much of the time, so together
-# they finish minutes sooner than one after the other. What they share under artifacts/ is written atomically; the
-# report data set, which both read, is made first. The first session's output is printed after the second's.
+# (tests/browser/test_book.py), in one; the rest of tests/ in the other. Each waits on kernels, browsers and launched
+# processes much of the time, so together they finish minutes sooner than one after the other. What they share under
+# artifacts/ is written atomically; the report data set, which both read, is made first. The first session's output
+# is printed after the second's.
 TEST_ENV := OMP_NUM_THREADS=1 MKL_NUM_THREADS=1
 NB_LOG   := $(VENV)/pytest-notebooks.log
 # tests that join the notebook session: the course site (needs its nbval outputs) and the explorers in Chromium

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -23,6 +24,7 @@ import urllib.request
 
 import pytest
 from playwright.sync_api import TimeoutError as PlaywrightTimeoutError
+from playwright.sync_api import expect
 
 from labkit.core.paths import project_root
 
@@ -227,19 +229,14 @@ def _run_code_cell(page, index: int, tries: int = 3) -> None:
     """Run the notebook's cell `index` with Shift+Enter and wait until its prompt says it queued or ran (`[*]`,
     `[1]`). With two test sessions sharing the CPU a Shift+Enter was once lost (the prompt stayed `[ ]` and the test
     waited three minutes for an output that could not come): send it again instead."""
-    cell = f".jp-Notebook .jp-Cell >> nth={index}"
-    started = (
-        "index => { const cell = document.querySelectorAll('.jp-Notebook .jp-Cell')[index];"
-        " const prompt = cell && cell.querySelector('.jp-InputPrompt');"
-        " return !!prompt && /\\[(\\*|\\d+)\\]/.test(prompt.textContent); }"
-    )
+    cell = page.locator(".jp-Notebook .jp-Cell").nth(index)
     for attempt in range(1, tries + 1):
-        page.click(cell)
+        cell.click()
         page.keyboard.press("Shift+Enter")
         try:
-            page.wait_for_function(started, arg=index, timeout=30_000)
+            expect(cell.locator(".jp-InputPrompt")).to_have_text(re.compile(r"\[(\*|\d+)\]"), timeout=30_000)
             return
-        except PlaywrightTimeoutError:
+        except AssertionError:
             if attempt == tries:
                 raise
 
@@ -270,8 +267,7 @@ def test_an_explorer_in_jupyterlab(browser, tmp_path, timings):
         try:
             page.wait_for_selector(".widget-output img", timeout=PAGE_SECONDS * 1000)
         except PlaywrightTimeoutError:
-            SHOTS.mkdir(parents=True, exist_ok=True)
-            page.screenshot(path=str(SHOTS / "jupyterlab_rope_clock_failed.png"))  # what the page showed instead
+            page.screenshot(path=str(tmp_path / "no_output.png"))  # what the page showed instead (kept by pytest)
             raise
         before = page.locator(".widget-output img").first.get_attribute("src")
         start = time.perf_counter()
